@@ -1,0 +1,142 @@
+"""Toy networks: a 2-D MLP denoiser, a small conv UNet for 8x8 digits, and a digit classifier.
+
+Every denoiser has the sampler's signature: eps = model(x_t, t, cond), t a LongTensor [B].
+Each class keeps its constructor arguments in `self.config` so checkpoints rebuild it (store.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConditionalLinear(nn.Module):
+    """Linear layer whose output is scaled by a learned per-timestep vector (SFT-PG's toy network)."""
+
+    def __init__(self, n_in: int, n_out: int, T: int):
+        super().__init__()
+        self.lin = nn.Linear(n_in, n_out)
+        self.embed = nn.Embedding(T, n_out)
+        nn.init.uniform_(self.embed.weight)
+
+    def forward(self, x, t):
+        return self.lin(x) * self.embed(t)
+
+
+class MLPDenoiser(nn.Module):
+    """2 -> 128 -> 128 -> 128 -> 2 with softplus, each hidden layer scaled by a step embedding. x: [B, 2]."""
+
+    def __init__(self, T: int, dim: int = 2, hidden: int = 128):
+        super().__init__()
+        self.config = {"T": T, "dim": dim, "hidden": hidden}
+        self.l1 = ConditionalLinear(dim, hidden, T)
+        self.l2 = ConditionalLinear(hidden, hidden, T)
+        self.l3 = ConditionalLinear(hidden, hidden, T)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x, t, cond=None):
+        if x.dim() != 2 or x.shape[1] != self.config["dim"]:
+            raise ValueError(f"x must have shape [B, {self.config['dim']}], got {tuple(x.shape)}")
+        h = F.softplus(self.l1(x, t))
+        h = F.softplus(self.l2(h, t))
+        h = F.softplus(self.l3(h, t))
+        return self.out(h)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of integer timesteps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class DigitsUNet(nn.Module):
+    """A small UNet for [B, 1, 8, 8] digits: 8x8 -> 4x4 -> 2x2 and back, skip connections.
+
+    num_classes > 0 makes it class-conditional: cond is a LongTensor [B] of labels, or None (or -1
+    entries) for the unconditional model (a learned null class, trained with label dropout), which
+    gives classifier-free guidance for free.
+    """
+
+    def __init__(self, T: int, base: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.config = {"T": T, "base": base, "num_classes": num_classes}
+        c1, c2, e = base, 2 * base, 4 * base
+        self.time = nn.Sequential(nn.Linear(base, e), nn.SiLU(), nn.Linear(e, e))
+        self.label = nn.Embedding(num_classes + 1, e) if num_classes else None
+        self.inp = nn.Conv2d(1, c1, 3, padding=1)
+        self.down1 = ResBlock(c1, c1, e)
+        self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.down2 = ResBlock(c2, c2, e)
+        self.pool2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)
+        self.mid = ResBlock(c2, c2, e)
+        self.up2 = ResBlock(2 * c2, c2, e)
+        self.up1 = ResBlock(c2 + c1, c1, e)
+        self.out = nn.Sequential(nn.GroupNorm(8, c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
+
+    def embed(self, t, cond, batch):
+        emb = self.time(timestep_embedding(t, self.config["base"]))
+        if self.label is not None:
+            null = self.config["num_classes"]
+            if cond is None:
+                cond = torch.full((batch,), null, dtype=torch.long, device=t.device)
+            else:
+                cond = torch.where(cond < 0, torch.full_like(cond, null), cond)
+            emb = emb + self.label(cond)
+        return emb
+
+    def forward(self, x, t, cond=None):
+        if x.dim() != 4 or x.shape[1:] != (1, 8, 8):
+            raise ValueError(f"x must have shape [B, 1, 8, 8], got {tuple(x.shape)}")
+        emb = self.embed(t, cond, x.shape[0])
+        h1 = self.down1(self.inp(x), emb)  # 8x8
+        h2 = self.down2(self.pool1(h1), emb)  # 4x4
+        h = self.mid(self.pool2(h2), emb)  # 2x2
+        h = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h2], 1), emb)
+        h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h1], 1), emb)
+        return self.out(h)
+
+
+class DigitsClassifier(nn.Module):
+    """A small CNN on [B, 1, 8, 8] digits in [-1, 1]; `features` is its penultimate layer [B, 128]."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.config = {"width": width}
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.Flatten(),
+            nn.Linear(2 * w * 16, 128), nn.SiLU(),
+        )
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x):
+        if x.dim() != 4 or x.shape[1:] != (1, 8, 8):
+            raise ValueError(f"x must have shape [B, 1, 8, 8], got {tuple(x.shape)}")
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+MODELS = {"mlp": MLPDenoiser, "unet": DigitsUNet, "classifier": DigitsClassifier}
