@@ -1,0 +1,200 @@
+"""The one training loop every method uses.
+
+A method supplies `loss_fn(model, step, generator) -> (loss, stats)`; this file does the rest:
+optimiser, per-group gradient clipping, accelerate (so `accelerate launch --num_processes N` works:
+gradients are averaged across processes, so parameters stay identical), a tqdm bar, the batch
+arithmetic printed once, a metrics history (CSV + JSON), checkpoint/resume that is bit-exact on CPU,
+and a hard stop with the step number on NaN/inf in the loss or any `reward*` statistic.
+
+    history = train(model, loss_fn, TrainConfig(steps=200, lr=1e-4, batch=64))
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+LossFn = Callable[[torch.nn.Module, int, torch.Generator], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-4
+    seed: int = 0
+    batch: int = 0  # samples per step per process (informational: printed in the batch arithmetic)
+    grad_clip: Optional[float] = 1.0  # max grad norm per optimizer param group; a group's "max_norm" overrides
+    weight_decay: float = 0.0
+    log_every: int = 1
+    ckpt_every: int = 0  # 0: only at the end (when out_dir is set)
+    out_dir: Optional[str] = None
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.ckpt_every < 0:
+            raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+
+
+def add_lora(model: torch.nn.Module, r: int = 4, target_modules=None, alpha: Optional[float] = None, seed: int = 0):
+    """Inject peft LoRA adapters into a plain torch module in place; freeze everything else.
+
+    Returns the list of trainable (LoRA) parameters. target_modules: names or suffixes of Linear/Conv2d
+    layers (default: every Linear). The adapters start as the identity (B = 0), so the model is unchanged.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if target_modules is None:
+        target_modules = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if not target_modules:
+        raise ValueError("target_modules: the model has no Linear layer to adapt; name the layers explicitly")
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha or r, target_modules=list(target_modules)), model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _check_finite(step: int, loss: torch.Tensor, stats: dict):
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping (nothing is zeroed or skipped)")
+    for k, v in stats.items():
+        if k.startswith("reward") and not math.isfinite(float(v)):
+            raise FloatingPointError(f"{k} is {v} at step {step}: stopping (nothing is zeroed or skipped)")
+
+
+def _clip(optimizer: torch.optim.Optimizer, default: Optional[float]) -> float:
+    """Clip each param group to its own max norm; returns the largest pre-clip group norm."""
+    worst = 0.0
+    for group in optimizer.param_groups:
+        max_norm = group.get("max_norm", default)
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+            worst = max(worst, float(norm))
+    return worst
+
+
+def _save(path: Path, model, optimizer, generator, step, history):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
+                "step": step, "history": history}, tmp)
+    tmp.replace(path)
+
+
+def _write_history(out: Path, history: list[dict]):
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    *,
+    params=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    accelerator=None,
+    callback: Optional[Callable[[int, dict], None]] = None,
+) -> list[dict]:
+    """Run cfg.steps optimiser steps of loss_fn; returns the history (one dict per logged step).
+
+    params:    what to train (default: the model's parameters with requires_grad); ignored with `optimizer`
+    optimizer: your own (e.g. param groups with different lrs and per-group "max_norm")
+    callback:  callback(step, row) after each logged step (evaluate during training); may add keys to row
+    With out_dir set, writes history.csv/json and checkpoint.pt there, and resumes from checkpoint.pt.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if optimizer is None:
+        params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        if not params:
+            raise ValueError("params: nothing to train (no parameter requires grad)")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.to(acc.device)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
+    torch.manual_seed(cfg.seed * 1000 + acc.process_index)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    history: list[dict] = []
+    start = 0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = out / "checkpoint.pt"
+        if cfg.resume and ckpt.exists():
+            state = torch.load(ckpt, map_location=acc.device, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], generator)
+            start, history = state["step"], state["history"]
+            acc.print(f"resumed from {ckpt} at step {start}")
+    n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    acc.print(f"training {n_params:,} parameters for {cfg.steps} steps: {cfg.batch or '?'} samples/step/process x "
+              f"{acc.num_processes} process(es) = effective batch {cfg.batch * acc.num_processes or '?'}; "
+              f"{cfg.steps - start} updates to go")
+    t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=not (cfg.progress and acc.is_local_main_process))
+    for step in bar:
+        model.train()
+        loss, stats = loss_fn(model, step, generator)
+        _check_finite(step, loss, stats)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if acc.num_processes > 1:  # average gradients by hand: works for any module layout, no DDP wrapper
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+        grad_norm = _clip(optimizer, cfg.grad_clip)
+        optimizer.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm,
+                   **{k: float(v) for k, v in stats.items()}, "seconds": time.perf_counter() - t0}
+            if callback is not None:
+                model.eval()
+                callback(step + 1, row)
+            history.append(row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "reward")})
+        if out is not None and acc.is_main_process and (
+            (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.steps
+        ):
+            _save(out / "checkpoint.pt", model, optimizer, generator, step + 1, history)
+            _write_history(out, history)
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    model.eval()
+    return history
