@@ -1,0 +1,157 @@
+"""Execute the notebooks with papermill and check their headline metrics.
+
+    python -m minialign.repro --profile smoke --out runs/smoke            # every notebook, CI-sized
+    python -m minialign.repro --profile cpu --out runs/cpu --only 00_toy_diffusion
+    python -m minialign.repro --profile cpu --out runs/cpu --inplace      # refresh the committed outputs
+
+Each notebook has a cell tagged `parameters` with `profile`, `device`, `seed` and `metrics_out`; its last
+cell calls `save_metrics`. Results land in OUT/<name>.ipynb and OUT/metrics/<name>.json; the tolerances
+in data/expected/<name>.json (per profile, {"key": {"min": a, "max": b}}) are checked, and
+OUT/report.json sums it up. The exit status is non-zero if any notebook fails or misses a tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+EXPECTED = ROOT / "data" / "expected"
+PROFILES = ("smoke", "cpu", "gpu")
+
+
+def environment() -> str:
+    """One line per fact: versions and hardware this run used (cell 1 of every notebook prints it)."""
+    import torch
+
+    lines = [f"python {platform.python_version()} on {platform.platform()}"]
+    for name in ("torch", "numpy", "diffusers", "transformers", "peft", "accelerate", "sklearn", "papermill"):
+        try:
+            lines.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            lines.append(f"{name} not installed")
+    lines.append(f"cpu: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name(0)}")
+    else:
+        lines.append("gpu: none")
+    from . import __version__
+
+    lines.append(f"minialign {__version__}")
+    return "\n".join(lines)
+
+
+def save_metrics(metrics: dict, path: str | os.PathLike) -> dict:
+    """Write a flat dict of numbers as JSON (the last cell of every notebook); NaN/inf refused."""
+    out = {}
+    for k, v in metrics.items():
+        v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"metric {k!r} is {v}: a headline metric must be finite")
+        out[k] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def check_tolerances(name: str, profile: str, metrics: dict) -> list[str]:
+    """Failures (as sentences) of metrics against data/expected/<name>.json[profile]."""
+    path = EXPECTED / f"{name}.json"
+    if not path.exists():
+        return []
+    failures = []
+    for key, bound in json.loads(path.read_text()).get(profile, {}).items():
+        if key not in metrics:
+            failures.append(f"{key}: missing from the metrics")
+            continue
+        v = metrics[key]
+        if "min" in bound and v < bound["min"]:
+            failures.append(f"{key} = {v:.6g} < min {bound['min']}")
+        if "max" in bound and v > bound["max"]:
+            failures.append(f"{key} = {v:.6g} > max {bound['max']}")
+    return failures
+
+
+def notebook_names() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False) -> dict:
+    """Execute one notebook; returns {name, seconds, ok, error, failures, metrics}."""
+    import papermill as pm
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = (out / "metrics" / f"{name}.json").resolve()
+    metrics_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    result = {"name": name, "profile": profile, "ok": False, "error": None, "failures": [], "metrics": {}}
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+            parameters={"profile": profile, "device": device, "metrics_out": str(metrics_path)},
+            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False,
+        )
+    except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
+        result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    if result["error"] is None:
+        if not metrics_path.exists():
+            result["error"] = f"the notebook wrote no metrics to {metrics_path} (its last cell must call save_metrics)"
+        else:
+            result["metrics"] = json.loads(metrics_path.read_text())
+            result["failures"] = check_tolerances(name, profile, result["metrics"])
+            result["ok"] = not result["failures"]
+    if inplace and result["error"] is None:
+        shutil.copy(out / f"{name}.ipynb", NOTEBOOKS / f"{name}.ipynb")
+        (NOTEBOOKS / "metrics").mkdir(exist_ok=True)
+        shutil.copy(metrics_path, NOTEBOOKS / "metrics" / f"{name}.json")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=PROFILES, default="smoke")
+    p.add_argument("--out", default="runs/latest", help="folder for executed notebooks and metrics")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="notebook names (e.g. 00_toy_diffusion)")
+    p.add_argument("--device", default="cpu", help="passed to the notebooks (cpu, cuda)")
+    p.add_argument("--inplace", action="store_true", help="write executed notebooks back into notebooks/")
+    p.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    args = p.parse_args(argv)
+    names = notebook_names()
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            p.error(f"--only: unknown notebook(s) {unknown}; have {names}")
+        names = args.only
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    out = Path(args.out)
+    results = []
+    for name in names:
+        print(f"[repro] {name} ({args.profile}) ...", flush=True)
+        r = run_notebook(name, args.profile, out, args.device, args.inplace)
+        status = "ok" if r["ok"] else ("ERROR" if r["error"] else "OUT OF TOLERANCE")
+        print(f"[repro] {name}: {status} in {r['seconds']} s", flush=True)
+        for line in ([r["error"]] if r["error"] else []) + r["failures"]:
+            print(f"    {line}", flush=True)
+        results.append(r)
+    (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    bad = [r["name"] for r in results if not r["ok"]]
+    print(f"[repro] {len(results) - len(bad)} passed, {len(bad)} failed" + (f": {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

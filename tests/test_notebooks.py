@@ -1,0 +1,60 @@
+"""Every notebook runs end to end in the smoke profile (papermill) and meets its tolerances."""
+import json
+
+import pytest
+import yaml
+
+from minialign import repro
+
+NAMES = repro.notebook_names()
+
+
+def test_there_are_notebooks():
+    assert "00_toy_diffusion" in NAMES
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_smoke(name, tmp_path):
+    r = repro.run_notebook(name, "smoke", tmp_path)
+    assert r["error"] is None, r["error"]
+    assert not r["failures"], r["failures"]
+    assert r["metrics"], "no headline metrics"
+    print(f"{name}: smoke profile in {r['seconds']} s")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_follows_the_convention(name):
+    nb = json.loads((repro.NOTEBOOKS / f"{name}.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    first = "".join(code[0]["source"])
+    assert "environment()" in first and "manual_seed" in first, "cell 1 must seed and print versions"
+    params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, "exactly one cell tagged `parameters`"
+    src = "".join(params[0]["source"])
+    for knob in ("profile", "device", "seed", "metrics_out"):
+        assert f"{knob} =" in src, f"the parameters cell must set {knob}"
+    assert "save_metrics(" in "".join(code[-1]["source"]), "the last cell records the headline metrics"
+    assert "sys.path" not in "".join("".join(c["source"]) for c in code)
+    for c in code:
+        for o in c.get("outputs", []):
+            assert o.get("output_type") != "error", f"committed notebook carries an error output in {name}"
+
+
+def test_save_metrics_refuses_nan(tmp_path):
+    with pytest.raises(ValueError, match="'x' is nan"):
+        repro.save_metrics({"x": float("nan")}, tmp_path / "m.json")
+
+
+def test_tolerance_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(repro, "EXPECTED", tmp_path)
+    (tmp_path / "nb.json").write_text(json.dumps({"smoke": {"a": {"min": 1}, "b": {"max": 2}, "c": {"min": 0}}}))
+    fails = repro.check_tolerances("nb", "smoke", {"a": 0.5, "b": 1.0})
+    assert fails == ["a = 0.5 < min 1", "c: missing from the metrics"]
+    assert repro.check_tolerances("nb", "cpu", {}) == []
+
+
+def test_environment_yml_installs_this_package():
+    env = yaml.safe_load((repro.ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e .[dev]" in pip and any(p.startswith("torch==") for p in pip)
