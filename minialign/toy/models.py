@@ -26,23 +26,43 @@ class ConditionalLinear(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """2 -> 128 -> 128 -> 128 -> 2 with softplus, each hidden layer scaled by a step embedding. x: [B, 2]."""
+    """2-D denoiser, x: [B, dim]. Two time embeddings:
 
-    def __init__(self, T: int, dim: int = 2, hidden: int = 128):
+    "table"       SFT-PG's toy network: 2 -> 128 -> 128 -> 128 -> 2 with softplus, each hidden layer multiplied
+                  by a learned per-timestep vector (one row per step: right for T = 10, too many rows to learn
+                  well for T = 1000).
+    "sinusoidal"  a shared sinusoidal embedding of t and random Fourier features of x (fixed, seeded), concatenated
+                  into a SiLU MLP; learns the thin swiss roll at T = 1000 (the table version gave a blob).
+    """
+
+    def __init__(self, T: int, dim: int = 2, hidden: int = 128, embedding: str = "table", fourier: int = 16):
         super().__init__()
-        self.config = {"T": T, "dim": dim, "hidden": hidden}
-        self.l1 = ConditionalLinear(dim, hidden, T)
-        self.l2 = ConditionalLinear(hidden, hidden, T)
-        self.l3 = ConditionalLinear(hidden, hidden, T)
-        self.out = nn.Linear(hidden, dim)
+        if embedding not in ("table", "sinusoidal"):
+            raise ValueError(f"embedding must be 'table' or 'sinusoidal', got {embedding!r}")
+        self.config = {"T": T, "dim": dim, "hidden": hidden, "embedding": embedding, "fourier": fourier}
+        if embedding == "table":
+            self.l1 = ConditionalLinear(dim, hidden, T)
+            self.l2 = ConditionalLinear(hidden, hidden, T)
+            self.l3 = ConditionalLinear(hidden, hidden, T)
+            self.out = nn.Linear(hidden, dim)
+        else:
+            g = torch.Generator().manual_seed(1234)
+            self.register_buffer("freqs", 4.0 * torch.randn(dim, fourier, generator=g))
+            d_in = dim + 2 * fourier + 64
+            self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                     nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
     def forward(self, x, t, cond=None):
         if x.dim() != 2 or x.shape[1] != self.config["dim"]:
             raise ValueError(f"x must have shape [B, {self.config['dim']}], got {tuple(x.shape)}")
-        h = F.softplus(self.l1(x, t))
-        h = F.softplus(self.l2(h, t))
-        h = F.softplus(self.l3(h, t))
-        return self.out(h)
+        if self.config["embedding"] == "table":
+            h = F.softplus(self.l1(x, t))
+            h = F.softplus(self.l2(h, t))
+            h = F.softplus(self.l3(h, t))
+            return self.out(h)
+        proj = 2 * math.pi * x @ self.freqs.to(x.dtype)
+        feats = torch.cat([x, proj.sin(), proj.cos(), timestep_embedding(t, 64).to(x.dtype)], 1)
+        return self.net(feats)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -27,8 +27,11 @@ from .models import DigitsClassifier, DigitsUNet, MLPDenoiser
 RECIPES = {
     # SFT-PG's toy (DESIGN 4.2): RMSprop 1e-3, batch 128; sigmoid betas 1e-5..1e-2.
     "swissroll10": dict(data="swissroll", schedule=("sigmoid", 10, 1e-5, 1e-2), opt="rmsprop", steps=30000, batch=128, lr=1e-3),
-    "swissroll": dict(data="swissroll", schedule=("sigmoid", 1000, 1e-5, 1e-2), opt="adam", steps=30000, batch=512, lr=1e-3),
-    "gmm": dict(data="gmm", schedule=("sigmoid", 1000, 1e-5, 1e-2), opt="adam", steps=20000, batch=512, lr=1e-3),
+    # many-step references: shared sinusoidal time embedding + Fourier features (see MLPDenoiser)
+    "swissroll": dict(data="swissroll", schedule=("sigmoid", 1000, 1e-5, 1e-2), opt="adam", steps=20000, batch=512, lr=1e-3,
+                      net=dict(hidden=256, embedding="sinusoidal")),
+    "gmm": dict(data="gmm", schedule=("sigmoid", 1000, 1e-5, 1e-2), opt="adam", steps=10000, batch=512, lr=1e-3,
+                net=dict(hidden=256, embedding="sinusoidal")),
     "digits": dict(data="digits", schedule=("linear", 1000, 1e-4, 2e-2), opt="adam", steps=5000, batch=128, lr=2e-3),
     "classifier": dict(data="digits", opt="adam", steps=3000, batch=128, lr=2e-3),
 }
@@ -54,7 +57,7 @@ def train_denoiser(name: str, steps: int | None = None, seed: int = 0, progress:
         model = DigitsUNet(schedule.T)
     else:
         x_all, y_all = data.load_2d(r["data"], 10000, seed=seed), None
-        model = MLPDenoiser(schedule.T)
+        model = MLPDenoiser(schedule.T, **r.get("net", {}))
     opt = _optimiser(r["opt"], model.parameters(), r["lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     losses = []
