@@ -93,6 +93,8 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     metrics_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     result = {"name": name, "profile": profile, "ok": False, "error": None, "failures": [], "metrics": {}}
+    backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # the kernel inherits it; Agg hides figures
     try:
         pm.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
@@ -101,6 +103,11 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
         )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+    finally:
+        if backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = backend
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if result["error"] is None:
         if not metrics_path.exists():
@@ -136,7 +143,6 @@ def main(argv=None) -> int:
         names = args.only
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     out = Path(args.out)
     results = []
     for name in names:

@@ -97,10 +97,11 @@ class Trajectory:
     noises: list[torch.Tensor]
     sigmas: list[float]
     log_probs: Optional[list[torch.Tensor]] = None
+    final_timestep: int = -1
     extras: dict = field(default_factory=dict)
 
     def prev_timestep(self, i: int) -> int:
-        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else self.final_timestep
 
 
 def _t_batch(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: float, reduce:
     raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
 
 
-def _check_sample_args(schedule, x_T, timesteps, eta, plan, min_sigma, noises):
+def _check_sample_args(schedule, x_T, timesteps, eta, plan, min_sigma, noises, final_timestep):
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if min_sigma < 0:
@@ -143,6 +144,8 @@ def _check_sample_args(schedule, x_T, timesteps, eta, plan, min_sigma, noises):
     ts = [int(t) for t in timesteps]
     if any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.T or ts[-1] < 0:
         raise ValueError(f"timesteps must be strictly decreasing within [0, {schedule.T - 1}], got {ts}")
+    if not isinstance(final_timestep, int) or not -1 <= final_timestep < ts[-1]:
+        raise ValueError(f"final_timestep must be an int in [-1, {ts[-1] - 1}] (below the last timestep), got {final_timestep!r}")
     if plan is not None and len(plan) != len(ts):
         raise ValueError(f"plan must have one StepPlan per step ({len(ts)}), got {len(plan)}")
     if noises is not None and len(noises) != len(ts):
@@ -165,6 +168,7 @@ def sample(
     noises: Optional[Sequence[torch.Tensor]] = None,
     log_probs: bool = False,
     progress: bool = False,
+    final_timestep: int = -1,
 ) -> tuple[torch.Tensor, Trajectory]:
     """Run the chain from x_T through `timesteps` (descending) and return (x_0, Trajectory).
 
@@ -174,19 +178,22 @@ def sample(
                RLR give the last step (where sigma_t = 0) a tiny sigma so its log-prob exists
     noises:    reuse these z's instead of drawing new ones (re-running stored sub-chains)
     log_probs: record log N(x_s; mu, sigma^2) per step (needs sigma > 0 at every step)
+    final_timestep: where the last step lands (-1: the data, abar = 1); stop a chain early at x_{t_j}
+    generator: the noise is drawn on the generator's device and moved to x's (a CPU generator works on GPU)
     The returned x_0 carries whatever graph the plan asked for; Trajectory states are detached.
     """
-    ts = _check_sample_args(schedule, x_T, timesteps, eta, plan, min_sigma, noises)
+    ts = _check_sample_args(schedule, x_T, timesteps, eta, plan, min_sigma, noises, final_timestep)
     plan = list(plan) if plan is not None else plan_none(len(ts))
     x = x_T
-    traj = Trajectory(states=[x_T.detach()], timesteps=ts, noises=[], sigmas=[], log_probs=[] if log_probs else None)
+    traj = Trajectory(states=[x_T.detach()], timesteps=ts, noises=[], sigmas=[], log_probs=[] if log_probs else None,
+                      final_timestep=final_timestep)
     steps = range(len(ts))
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        t, s = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        t, s = ts[i], traj.prev_timestep(i)
         c = step_coefficients(schedule, t, s, eta)
         p = plan[i]
         if not p.path:
@@ -199,7 +206,8 @@ def sample(
         if noises is not None:
             z = noises[i]
         elif sigma > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            where = generator.device if generator is not None else x.device
+            z = torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
         else:
             z = torch.zeros_like(x)
         x = mean + sigma * z if sigma > 0 else mean

@@ -20,6 +20,9 @@ def test_notebook_smoke(name, tmp_path):
     assert r["error"] is None, r["error"]
     assert not r["failures"], r["failures"]
     assert r["metrics"], "no headline metrics"
+    executed = json.loads((tmp_path / f"{name}.ipynb").read_text())
+    images = sum("image/png" in o.get("data", {}) for c in executed["cells"] for o in c.get("outputs", []))
+    assert images > 0, "the executed notebook shows no figure (is MPLBACKEND forcing a non-inline backend?)"
     print(f"{name}: smoke profile in {r['seconds']} s")
 
 
@@ -36,9 +39,9 @@ def test_notebook_follows_the_convention(name):
         assert f"{knob} =" in src, f"the parameters cell must set {knob}"
     assert "save_metrics(" in "".join(code[-1]["source"]), "the last cell records the headline metrics"
     assert "sys.path" not in "".join("".join(c["source"]) for c in code)
-    for c in code:
-        for o in c.get("outputs", []):
-            assert o.get("output_type") != "error", f"committed notebook carries an error output in {name}"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"], f"committed notebook {name} carries an error"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"committed notebook {name} carries no figure"
 
 
 def test_save_metrics_refuses_nan(tmp_path):

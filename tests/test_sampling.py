@@ -190,3 +190,14 @@ def test_plan_constructors_check_k():
         plan_truncated(5, 6)
     with pytest.raises(ValueError, match="k must be"):
         plan_one_step(5, 5)
+
+
+def test_final_timestep_stops_the_chain_early():
+    """Stopping at t_j = running the first j steps of the longer chain (same noises)."""
+    net, sch = _toy(dtype=torch.float32)
+    ts = timesteps(sch.T, 10)
+    _, full = sample(net, sch, torch.randn(4, 2), ts, 1.0, generator=torch.Generator().manual_seed(5))
+    part, traj = sample(net, sch, full.states[0], ts[:6], 1.0, noises=full.noises[:6], final_timestep=ts[6])
+    assert torch.equal(part, full.states[6]) and traj.prev_timestep(5) == ts[6]
+    with pytest.raises(ValueError, match="final_timestep"):
+        sample(net, sch, full.states[0], ts[:6], 1.0, final_timestep=ts[5])
