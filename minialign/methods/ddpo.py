@@ -1,0 +1,176 @@
+"""DDPO: policy gradient with PPO-clip on the denoising MDP (Black et al. 2023, "Training diffusion
+models with reinforcement learning", DDPO_IS, Sec. 4.3 and Alg. 1).
+
+Each stochastic sampling step is an action of a Gaussian policy,
+p_theta(x_s | x_t) = N(x_s; mu_theta(x_t), sigma_t^2 I). Sample a batch with eta = 1 under no_grad,
+store states and per-step log-probs log p_old(x_s | x_t), score the samples, and standardise:
+
+    A_b     = (r_b - mean r) / (std r + 1e-8)        over the batch, or within each condition
+    ratio   = exp(log p_theta(x_s | x_t) - log p_old(x_s | x_t))           per sample and step
+    L_step  = mean_b max(-A_b * ratio, -A_b * clip(ratio, 1 - eps, 1 + eps)),  A_b clipped to [-a, a]
+    loss    = mean over trained steps of L_step  (+ kl_coef * mean_step KL(p_theta || p_ref))
+
+PPO's inner loop reuses one sampled batch for `inner_epochs` epochs of `minibatches` minibatches; here
+each call of loss_fn is one such update (one optimiser step of train()), and a new batch is sampled
+every inner_epochs * minibatches calls. On the first update after sampling the policy is the one that
+sampled, so ratio = 1 exactly and the gradient is REINFORCE's, -mean_b A_b grad log p_theta, per step.
+The reward is only evaluated, never differentiated: any reward works, JPEG size included.
+
+The optional KL penalty (DPOK-style; not in DDPO) is the exact KL between the two Gaussian steps that
+share sigma: KL = |mu_theta(x_t) - mu_ref(x_t)|^2 / (2 sigma_t^2), summed over dimensions, at the stored
+states, against a frozen copy of the model taken at the first call (or `reference`).
+
+Deviations, named:
+- the last step of an eta = 1 chain into abar = 1 is deterministic (sigma_t = 0, no log-prob): it is
+  not an action and is not trained (Stable Diffusion's schedule ends at abar_0 < 1, so DDPO trains it
+  there). The sampler is given min_sigma = 1e-6 so that it records a log-prob for every step; that step's
+  log-prob is never used and its injected noise (1e-6) is negligible.
+- per-condition standardisation uses the current batch (groups of one fall back to batch statistics);
+  DDPO's per-prompt stat tracker keeps a running buffer of past rewards per prompt.
+- a minibatch's loss covers all trained steps in one graph (one optimiser step per minibatch, as the
+  authors' gradient accumulation over timesteps) but the authors backpropagate timestep by timestep,
+  holding one step's activations at a time: bench.py's memory for DDPO is that of all N steps.
+- `timestep_fraction < 1` trains one random subset of steps per minibatch, shared by its samples (the
+  authors draw a permutation per sample).
+- inner_epochs defaults to 2 ("several inner epochs"); the authors' configs mostly use 1.
+- the first inner epoch keeps the sampling order (later ones shuffle), so that ratio = 1 holds bit-exactly.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..sampling import gaussian_log_prob, sample, step_mean
+from ..schedule import step_coefficients
+from .full_bp import chain_timesteps, draw_start
+
+ADVANTAGES = ("batch", "per_condition")
+
+
+@dataclass
+class DDPOConfig:
+    batch: int = 32                # samples per sampling round
+    n_steps: int = 20
+    eta: float = 1.0               # the chain must be stochastic: DDPO uses eta = 1
+    spacing: str = "trailing"
+    offset: int = 0
+    inner_epochs: int = 2          # passes over each sampled batch
+    minibatches: int = 1           # optimiser steps per pass
+    clip_range: float = 1e-4       # PPO's epsilon
+    adv_clip: float = 5.0          # advantages clipped to [-adv_clip, adv_clip]
+    advantage: str = "batch"       # batch | per_condition standardisation
+    kl_coef: float = 0.0           # optional KL to the pretrained model (0 = DDPO)
+    timestep_fraction: float = 1.0 # fraction of the stochastic steps trained per minibatch
+    min_sigma: float = 1e-6        # noise floor (only the deterministic last step needs it; see above)
+
+
+def ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range: float, adv_clip: float):
+    """(mean_b max(-A ratio, -A clip(ratio, 1-eps, 1+eps)), ratio) with A clipped to [-adv_clip, adv_clip]."""
+    adv = advantage.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+def standardise(reward: torch.Tensor, cond=None, per_condition: bool = False) -> torch.Tensor:
+    """(r - mean) / (std + 1e-8), over the batch or within groups of equal cond (population std)."""
+    adv = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-8)
+    if per_condition and cond is not None:
+        keys = cond.reshape(len(reward), -1)
+        _, group = torch.unique(keys, dim=0, return_inverse=True)
+        for g in group.unique():
+            m = group == g
+            if m.sum() >= 2:
+                r = reward[m]
+                adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+    return adv
+
+
+def _check(cfg: DDPOConfig):
+    if cfg.eta <= 0:
+        raise ValueError(f"DDPO needs a stochastic chain (eta > 0; the paper uses 1), got eta={cfg.eta}")
+    if cfg.advantage not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {ADVANTAGES}, got {cfg.advantage!r}")
+    if cfg.inner_epochs < 1 or cfg.minibatches < 1 or cfg.batch % cfg.minibatches:
+        raise ValueError(f"need inner_epochs >= 1 and minibatches >= 1 dividing batch={cfg.batch}, "
+                         f"got inner_epochs={cfg.inner_epochs}, minibatches={cfg.minibatches}")
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
+
+
+def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference: Optional[torch.nn.Module] = None):
+    """loss_fn(model, step, generator) -> (PPO loss of one minibatch, stats).
+
+    stats: reward (mean reward of the batch being trained on), resampled (1 on a call that sampled),
+    ratio_dev (max |ratio - 1|), clip_frac, approx_kl (0.5 mean (log ratio)^2), kl (if kl_coef > 0).
+    """
+    _check(cfg)
+    ts = chain_timesteps(schedule, cfg)
+    prev = ts[1:] + [-1]
+    trained = [i for i in range(len(ts)) if step_coefficients(schedule, ts[i], prev[i], cfg.eta).sigma > 0]
+    if not trained:
+        raise ValueError(f"no stochastic step to train in timesteps {ts} with eta={cfg.eta}")
+    updates_per_batch = cfg.inner_epochs * cfg.minibatches
+    state = {"updates": 0, "ref": reference}
+
+    @torch.no_grad()
+    def _collect(model, generator):
+        x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
+        x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator,
+                          min_sigma=cfg.min_sigma, log_probs=True)
+        r = reward(x0, c).detach()
+        adv = standardise(r, c, cfg.advantage == "per_condition")
+        return {"traj": traj, "cond": c, "reward": r, "adv": adv}
+
+    def loss_fn(model, step: int, generator: torch.Generator):
+        if cfg.kl_coef > 0 and state["ref"] is None:
+            state["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
+        u = state["updates"] % updates_per_batch
+        if u == 0:
+            state["buf"] = _collect(model, generator)
+        buf = state["buf"]
+        epoch, mb = divmod(u, cfg.minibatches)
+        if mb == 0:  # epoch 0 keeps the sampling order (so the first ratio is bit-exactly 1)
+            state["perm"] = torch.arange(cfg.batch) if epoch == 0 else torch.randperm(cfg.batch, generator=generator)
+        size = cfg.batch // cfg.minibatches
+        idx = state["perm"][mb * size:(mb + 1) * size].to(buf["reward"].device)
+        steps = trained
+        if cfg.timestep_fraction < 1:
+            n_train = max(1, round(cfg.timestep_fraction * len(trained)))
+            pick = torch.randperm(len(trained), generator=generator)[:n_train].sort().values
+            steps = [trained[i] for i in pick.tolist()]
+        traj, c = buf["traj"], buf["cond"]
+        c_mb = None if c is None else c[idx]
+        losses, ratios, kls = [], [], []
+        for i in steps:
+            x_t, x_s = traj.states[i][idx], traj.states[i + 1][idx]
+            mean, sigma = step_mean(model, schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)
+            sigma = max(sigma, cfg.min_sigma)
+            log_prob = gaussian_log_prob(x_s, mean, sigma)
+            loss_i, ratio = ppo_clip_loss(log_prob, traj.log_probs[i][idx], buf["adv"][idx], cfg.clip_range, cfg.adv_clip)
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_mean, _ = step_mean(state["ref"], schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)
+                kl = ((mean - ref_mean) ** 2).flatten(1).sum(1).mean() / (2 * sigma**2)
+                loss_i = loss_i + cfg.kl_coef * kl
+                kls.append(kl.detach())
+            losses.append(loss_i)
+            ratios.append(ratio.detach())
+        state["updates"] += 1
+        ratio = torch.stack(ratios)
+        stats = {
+            "reward": buf["reward"].mean().item(),
+            "resampled": float(u == 0),
+            "ratio_dev": (ratio - 1).abs().max().item(),
+            "clip_frac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
+            "approx_kl": (0.5 * ratio.log() ** 2).mean().item(),
+        }
+        if kls:
+            stats["kl"] = torch.stack(kls).mean().item()
+        return torch.stack(losses).mean(), stats
+
+    return loss_fn

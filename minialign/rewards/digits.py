@@ -1,0 +1,92 @@
+"""Rewards on 8x8 digit images [B, 1, 8, 8] in [-1, 1] (the sampler's space; no decoding).
+
+    classifier:   r = softmax(classifier(x))[target]    probability of a target digit (differentiable)
+    brightness:   r = mean over pixels of x             (differentiable)
+    symmetry:     r = -mean (x - flip_lr(x))^2          0 for a left-right symmetric image (differentiable)
+    jpeg:         r = -(JPEG file size in kB)           compressibility, DDPO's reward (NOT differentiable)
+
+Images are scored as sampled, without clamping to [-1, 1]: a pathwise method may push pixels out of
+range to please the classifier, and that drift is something the notebooks are meant to show.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from .base import Reward
+
+
+def _check_images(x: torch.Tensor):
+    if x.dim() != 4:
+        raise ValueError(f"image rewards take [B, C, H, W], got shape {tuple(x.shape)}")
+
+
+def classifier_reward(target: int | None = 0, classifier=None, log: bool = False) -> Reward:
+    """Probability the shipped digit classifier (data/classifier, frozen) gives the digit `target`.
+
+    target=None scores each image against its own conditioning label (cond, a LongTensor [B]).
+    Output in [0, 1]; differentiable through the frozen classifier. log=True returns the log-probability
+    instead (<= 0, unbounded below: its gradient does not vanish when p saturates at 0 or 1).
+    """
+    if target is not None and not 0 <= int(target) <= 9:
+        raise ValueError(f"target must be a digit in 0..9 or None (use cond), got {target!r}")
+    if classifier is None:
+        from ..toy.store import load
+
+        classifier = load("classifier")[0]
+    classifier.eval().requires_grad_(False)
+
+    def fn(x, cond=None):
+        _check_images(x)
+        logits = classifier.to(x.device, x.dtype)(x)
+        probs = logits.log_softmax(1) if log else logits.softmax(1)
+        if target is not None:
+            return probs[:, int(target)]
+        if cond is None:
+            raise ValueError("classifier_reward(target=None) scores images against their labels: pass cond [B]")
+        labels = torch.as_tensor(cond, device=x.device).long().expand(x.shape[0])
+        return probs.gather(1, labels[:, None]).squeeze(1)
+
+    what = f"digit={target if target is not None else 'cond'}"
+    return Reward(fn, f"classifier({'log ' if log else ''}p({what}))", differentiable=True)
+
+
+def brightness() -> Reward:
+    """Mean pixel value, in [-1, 1] for in-range images."""
+
+    def fn(x, cond=None):
+        _check_images(x)
+        return x.flatten(1).mean(1)
+
+    return Reward(fn, "brightness", differentiable=True)
+
+
+def symmetry() -> Reward:
+    """Left-right symmetry: -mean (x - x flipped along width)^2; maximal (0) for a symmetric image."""
+
+    def fn(x, cond=None):
+        _check_images(x)
+        return -((x - x.flip(-1)) ** 2).flatten(1).mean(1)
+
+    return Reward(fn, "symmetry", differentiable=True)
+
+
+def jpeg_compressibility(quality: int = 95) -> Reward:
+    """Negative JPEG size in kB (Pillow, `quality` as DDPO's 95). Higher = more compressible.
+    Pixels are mapped [-1, 1] -> [0, 255] and rounded: not differentiable."""
+    from PIL import Image
+
+    def fn(x, cond=None):
+        _check_images(x)
+        arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        sizes = []
+        for img in arr:
+            img = np.ascontiguousarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+            sizes.append(buf.tell() / 1000.0)
+        return -torch.tensor(sizes, dtype=x.dtype, device=x.device)
+
+    return Reward(fn, f"jpeg(q={quality})", differentiable=False)
