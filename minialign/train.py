@@ -173,6 +173,8 @@ def train(
         model.train()
         loss, stats = loss_fn(model, step, generator)
         _check_finite(step, loss, stats)
+        # set_to_none matters: a parameter without a gradient this step (e.g. SFT-PG's generator on a critic
+        # step) is skipped by Adam; zeroed gradients would let momentum move it anyway
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if acc.num_processes > 1:  # average gradients by hand: works for any module layout, no DDP wrapper
