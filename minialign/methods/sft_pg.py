@@ -1,0 +1,355 @@
+"""SFT-PG: Shortcut Fine-Tuning with Policy Gradient (Fan & Lee, ICML 2023; DESIGN 4.2).
+
+A few-step stochastic sampler, x_T ~ N(0, I) and then N transitions
+
+    x_{i+1} ~ p_theta(. | x_i) = N(mu_theta(x_i, t_i), sigma_i^2 I),   mu_theta = a_i x_i + b_i eps_theta(x_i, t_i)
+
+is fine-tuned to minimise an integral probability metric (IPM) to the data instead of imitating the
+backward process, so it may leave that process and find a "shortcut" (paper Sec. 3-4, Alg. 1):
+
+    min_theta max_f  E_{x_0 ~ p_theta}[f(x_0)] - E_{x ~ data}[f(x)]
+
+Critic f [B, ...] -> [B]: minimise L_f = mean f(real) - mean f(x_0)  (+ optional gradient penalty).
+Generator: with f fixed, the gradient of E[f(x_0)] is a policy gradient over the chain's transitions
+
+    grad_theta E[f(x_0)] = E[ sum_i (f(x_0) - B(x_i, i)) grad_theta log p_theta(x_{i+1} | x_i) ]
+
+for any baseline B(x_i, i) that does not look at the action x_{i+1}. B is learned by regression,
+L_B = mean_i (B(x_i, i) - sg[f(x_0)])^2, and the paper's baseline regularisation lets the same
+squared error also reach the critic: L_f += lambda * mean_i (sg[B(x_i, i)] - f(x_0))^2 (lambda = 1 is
+exactly the authors' code, which backpropagates (B - f)^2 into both). The generator minimises
+
+    L_theta = mean over stored transitions of A * log N(x_{i+1}; mu_theta(x_i), sigma_i^2 I) / D,
+    A = sg[f(x_0) - B(x_i, i)]
+
+(log-prob averaged over the D dimensions, as DESIGN and the authors' image code: in expectation
+grad L_theta = grad E[f(x_0)] / (N D) over a buffer holding all N steps of each trajectory).
+Every trained transition must be stochastic: a step with sigma = 0 has no log-prob, and as sigma -> 0
+the estimator's variance grows like 1/sigma^2 (eta = 1, last step given min_sigma, as the authors).
+
+Schedule (one `train()` step = one optimiser step): a cycle of n_critic critic steps, each sampling a
+fresh batch of trajectories under a no-graph plan into a buffer and updating f and B, then n_generator
+generator steps on minibatches of the buffer's transitions (advantages from the latest f and B); the
+buffer is then emptied, so the policy gradient is on-policy (steps 2..n_generator reuse it, as the authors).
+
+Deviations from the paper / authors' code, named:
+- chain noise: the authors' toy code uses sigma_t = sqrt(beta_t) at every step (also the last); here the
+  DDPM posterior sigma (eta = 1) and min_sigma = 1e-3 on the last step (the authors' image code does that);
+- the toy code sums the log-prob over the 2 dimensions; here it is averaged (DESIGN; a constant factor);
+- gen_batch = None uses every stored transition in one generator step (lower variance); the authors' toy
+  draws one minibatch of `batch` transitions out of the n_critic * batch * N stored (gen_batch = 128);
+- an optional WGAN-GP gradient penalty on the critic (the authors use no Lipschitz constraint);
+- an optional moving average of the generator's weights (`ema`, Polyak averaging, updated at the step after
+  each generator step) to sample from; the authors evaluate the raw weights (default: off).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..sampling import plan_full, plan_none, sample, transition_log_prob
+from ..schedule import Schedule, q_sample
+from ..toy.models import ConditionalLinear
+
+
+@dataclass
+class SFTPGConfig:
+    """Authors' toy defaults (DESIGN 4.2). Fields are the notebook's knobs."""
+
+    batch: int = 128  # trajectories (and real samples) per critic step
+    lr: float = 5e-5  # generator (Adam)
+    critic_lr: float = 1e-3
+    baseline_lr: float = 1e-3
+    n_critic: int = 5  # critic steps per generator phase
+    n_generator: int = 1  # generator steps per phase (authors: 1 on the toy, 10 on images)
+    gen_batch: Optional[int] = None  # transitions per generator step; None: all stored / n_generator
+    max_norm: float = 0.1  # generator gradient clipping (authors' 0.1)
+    critic_max_norm: Optional[float] = None  # critic/baseline clipping (authors: none)
+    baseline: bool = True  # False: B = 0 (plain REINFORCE on f(x_0))
+    baseline_reg: float = 1.0  # lambda: how much of the baseline's squared error reaches the critic
+    gradient_penalty: float = 0.0  # WGAN-GP weight on the critic (0: off, as the authors)
+    eta: float = 1.0  # DDIM eta of the trained chain; must be > 0
+    min_sigma: float = 1e-3  # noise floor of every step (the last step of an eta = 1 chain has sigma 0)
+    ema: Optional[float] = None  # decay of a moving average of the denoiser's weights per generator step (None: off)
+
+    def __post_init__(self):
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0 for SFT-PG (eta = 0 is DDIM: its steps are deterministic and have "
+                             f"no log-prob, so there is no policy gradient), got {self.eta}")
+        if not self.min_sigma > 0:
+            raise ValueError(f"min_sigma must be > 0 for SFT-PG (the last step of an eta = 1 chain has sigma = 0; "
+                             f"it needs a tiny sigma such as 1e-3 to be a stochastic, trainable step), got {self.min_sigma}")
+        for name in ("batch", "n_critic", "n_generator"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.gen_batch is not None and (not isinstance(self.gen_batch, int) or self.gen_batch < 1):
+            raise ValueError(f"gen_batch must be a positive int or None (all stored transitions), got {self.gen_batch!r}")
+        for name in ("lr", "critic_lr", "baseline_lr", "max_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("baseline_reg", "gradient_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be None (off) or a decay in (0, 1), got {self.ema}")
+
+
+class MLPCritic(nn.Module):
+    """f(x) [B, ...] -> [B]: ReLU MLP on the flattened sample (authors' toy critic: dim -> 256 -> 256 -> 1)."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+class StepBaseline(nn.Module):
+    """B(x_i, i) -> [B]: x_i [B, ...] the state before step i (i = 0 is x_T), i a LongTensor [B];
+    each layer scaled by a learned per-step vector (the authors' value network)."""
+
+    def __init__(self, dim: int, n_steps: int, hidden: int = 256):
+        super().__init__()
+        self.l1 = ConditionalLinear(dim, hidden, n_steps)
+        self.l2 = ConditionalLinear(hidden, hidden, n_steps)
+        self.out = ConditionalLinear(hidden, 1, n_steps)
+
+    def forward(self, x, i):
+        h = F.relu(self.l1(x.flatten(1), i))
+        h = F.relu(self.l2(h, i))
+        return self.out(h, i).squeeze(1)
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator):
+    """WGAN-GP: mean (||grad_x f(x_hat)|| - 1)^2 at random interpolates x_hat of real and fake samples."""
+    u = torch.rand((len(real),) + (1,) * (real.dim() - 1), generator=generator).to(real)
+    x_hat = (u * real + (1 - u) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class SFTPG(nn.Module):
+    """The three trained networks (denoiser, critic f, baseline B) and the stored trajectory buffer.
+
+    denoiser:  a trainable copy of the pretrained eps-network (eps = denoiser(x_t, t, cond))
+    timesteps: the N timesteps of the few-step chain (descending); data: real samples [M, ...]
+    cond:      passed to the denoiser at every step (None: unconditional)
+    Train with `train(model, loss_fn, TrainConfig(...), optimizer=model.optimizer())`, or `fit`.
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: Schedule, timesteps, data: torch.Tensor,
+                 config: Optional[SFTPGConfig] = None, critic: Optional[nn.Module] = None,
+                 baseline: Optional[nn.Module] = None, cond=None):
+        super().__init__()
+        self.config = cfg = config or SFTPGConfig()
+        self.denoiser, self.schedule, self.cond = denoiser, schedule, cond
+        self.timesteps = [int(t) for t in timesteps]
+        self.register_buffer("data", data, persistent=False)
+        dim = int(np.prod(data.shape[1:]))
+        self.critic = critic if critic is not None else MLPCritic(dim)
+        self.baseline = (baseline if baseline is not None else StepBaseline(dim, self.n_steps)) if cfg.baseline else None
+        stored = cfg.n_critic * cfg.batch * self.n_steps
+        if cfg.gen_batch is not None and cfg.gen_batch * cfg.n_generator > stored:
+            raise ValueError(f"gen_batch: {cfg.n_generator} x {cfg.gen_batch} transitions per phase > the {stored} stored "
+                             f"(n_critic x batch x steps)")
+        # Polyak average of the generator (sample(..., ema=True)); a frozen copy, outside the optimiser
+        self.ema = copy.deepcopy(denoiser).requires_grad_(False) if cfg.ema else None
+        self._buffer: list = []  # one (states [N, B, ...], x_0 [B, ...]) per critic step of the current phase
+        self._phase = None  # (transitions, permutation) while the generator steps of a phase run
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def cycle(self) -> int:
+        return self.config.n_critic + self.config.n_generator
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.cycle >= self.config.n_critic
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Adam with one param group per network (authors' lrs); per-group "max_norm" for train()'s clipping."""
+        cfg = self.config
+        gen = [p for p in self.denoiser.parameters() if p.requires_grad]
+        groups = [{"params": gen, "lr": cfg.lr, "max_norm": cfg.max_norm},
+                  {"params": list(self.critic.parameters()), "lr": cfg.critic_lr, "max_norm": cfg.critic_max_norm}]
+        if self.baseline is not None:
+            groups.append({"params": list(self.baseline.parameters()), "lr": cfg.baseline_lr,
+                           "max_norm": cfg.critic_max_norm})
+        if not groups[0]["params"]:
+            raise ValueError("denoiser: no parameter requires grad (use copy.deepcopy(model).requires_grad_(True))")
+        return torch.optim.Adam(groups)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, plan=None, noises=None, x_T=None,
+               ema: bool = False):
+        """n trajectories of the trained chain: (x_0, Trajectory); no graph unless a plan asks for one.
+        ema=True samples with the moving average of the weights instead (config.ema must be set)."""
+        if ema and self.ema is None:
+            raise ValueError("ema=True but this model keeps no moving average (set SFTPGConfig(ema=0.99))")
+        if x_T is None:
+            x_T = torch.randn((n, *self.data.shape[1:]), generator=generator, dtype=self.data.dtype).to(self.data.device)
+        return sample(self.ema if ema else self.denoiser, self.schedule, x_T, self.timesteps, eta=self.config.eta,
+                      plan=plan or plan_none(self.n_steps), cond=self.cond, generator=generator,
+                      min_sigma=self.config.min_sigma, noises=noises)
+
+    def advantage(self, states, step_index, final):
+        """A = f(x_0) - B(x_i, i) [K], without grad (B = 0 when the baseline is off)."""
+        with torch.no_grad():
+            adv = self.critic(final)
+            return adv - self.baseline(states, step_index) if self.baseline is not None else adv
+
+    def policy_gradient_loss(self, states, next_states, step_index, final, advantage=None):
+        """mean_k A_k * log p_theta(x_{i+1} | x_i)_k / D over K stored transitions (states [K, ...],
+        step_index LongTensor [K], final = the x_0 each transition led to [K, ...]); graph to the denoiser."""
+        adv = self.advantage(states, step_index, final) if advantage is None else advantage
+        total = 0.0
+        for i in step_index.unique().tolist():
+            m = step_index == i
+            s = self.timesteps[i + 1] if i + 1 < self.n_steps else -1
+            log_prob = transition_log_prob(self.denoiser, self.schedule, states[m], next_states[m], self.timesteps[i], s,
+                                           self.config.eta, self.cond, self.config.min_sigma, reduce="mean")
+            total = total + (adv[m] * log_prob).sum()
+        return total / len(step_index), adv
+
+    def critic_loss(self, real, states, x0, generator=None):
+        """L_f + L_B (+ lambda reg, + GP) for one batch of trajectories: states [N, B, ...] (x_T .. x_1), x0 [B, ...]."""
+        cfg = self.config
+        f_real, f_gen = self.critic(real), self.critic(x0)
+        ipm = f_gen.mean() - f_real.mean()
+        loss, stats = -ipm, {"ipm": ipm.item(), "f_real": f_real.mean().item(), "f_gen": f_gen.mean().item()}
+        if cfg.gradient_penalty:
+            gp = gradient_penalty(self.critic, real, x0, generator)
+            loss = loss + cfg.gradient_penalty * gp
+            stats["gp"] = gp.item()
+        if self.baseline is not None:
+            n, b = states.shape[:2]
+            pred = self.baseline(states.flatten(0, 1), torch.arange(n, device=x0.device).repeat_interleave(b))
+            target = f_gen.repeat(n)
+            baseline_mse = F.mse_loss(pred, target.detach())
+            loss = loss + baseline_mse + cfg.baseline_reg * F.mse_loss(pred.detach(), target)
+            stats["baseline_mse"] = baseline_mse.item()
+        return loss, stats
+
+    def loss(self, step: int, generator: torch.Generator):
+        """One train() step: a critic step (sample, store, critic + baseline loss) or a generator step."""
+        cfg = self.config
+        if self.ema is not None and step > 0 and self.is_generator_step(step - 1):
+            self._update_ema()  # fold in the weights the previous (generator) step produced
+        if not self.is_generator_step(step):
+            if step % self.cycle == 0:
+                self._buffer, self._phase = [], None
+            x0, traj = self.sample(cfg.batch, generator)
+            states = torch.stack(traj.states[:-1])  # [N, B, ...]
+            self._buffer.append((states, x0))
+            real = self.data[torch.randint(len(self.data), (cfg.batch,), generator=generator).to(self.data.device)]
+            loss, stats = self.critic_loss(real, states, x0, generator)
+            return loss, {**stats, "reward": -stats["f_gen"]}
+        j = step % self.cycle - cfg.n_critic
+        if j == 0 or self._phase is None:
+            if len(self._buffer) != cfg.n_critic:
+                raise RuntimeError(f"step {step}: the trajectory buffer holds {len(self._buffer)} batches, expected "
+                                   f"{cfg.n_critic} (a generator step must follow its n_critic critic steps)")
+            n = self.n_steps
+            states = torch.cat([s for s, _ in self._buffer], 1)  # [N, n_critic * B, ...]
+            x0 = torch.cat([x for _, x in self._buffer])
+            nxt = torch.cat([states[1:], x0[None]])
+            k = states.shape[1]
+            step_index = torch.arange(n).repeat_interleave(k).to(x0.device)
+            final = x0.repeat(n, *[1] * (x0.dim() - 1))  # the x_0 each transition led to
+            flat = (states.flatten(0, 1), nxt.flatten(0, 1), step_index, final)
+            self._phase = (flat, torch.randperm(n * k, generator=generator))
+        flat, perm = self._phase
+        size = cfg.gen_batch or len(perm) // cfg.n_generator
+        idx = perm[j * size:(j + 1) * size].to(self.data.device)
+        loss, adv = self.policy_gradient_loss(*(t[idx] for t in flat))
+        if j == cfg.n_generator - 1:
+            self._buffer, self._phase = [], None
+        return loss, {"pg_loss": loss.item(), "advantage_mean": adv.mean().item(), "advantage_std": adv.std().item()}
+
+    @torch.no_grad()
+    def _update_ema(self):
+        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+            p_ema.lerp_(p, 1 - self.config.ema)
+
+    # the buffer travels with the state dict, so train()'s checkpoints resume mid-cycle bit-exactly
+    def get_extra_state(self):
+        return {"buffer": self._buffer, "phase": self._phase}
+
+    def set_extra_state(self, state):
+        self._buffer, self._phase = state["buffer"], state["phase"]
+
+
+def loss_fn(model: SFTPG, step: int, generator: torch.Generator):
+    """The `loss_fn(model, step, generator)` of minialign.train.train."""
+    return model.loss(step, generator)
+
+
+def fit(model: SFTPG, critic_steps: int, seed: int = 0, callback=None, log_every: int = 1, progress: bool = True, **kw):
+    """Run SFT-PG for `critic_steps` critic iterations (plus the interleaved generator steps) with train()."""
+    from ..train import TrainConfig, train
+
+    cycles = -(-critic_steps // model.config.n_critic)
+    cfg = TrainConfig(steps=cycles * model.cycle, lr=model.config.lr, seed=seed, batch=model.config.batch,
+                      grad_clip=None, log_every=log_every, progress=progress, **kw)
+    return train(model, loss_fn, cfg, optimizer=model.optimizer(), callback=callback)
+
+
+def gradient_samples(model: SFTPG, n_groups: int, group_size: int, directions: torch.Tensor,
+                     generator: torch.Generator, baseline: bool = True) -> dict:
+    """Projected estimates of grad_theta E[f(x_0)] (f and B fixed) on n_groups independent groups of trajectories.
+
+    directions: [K, P] over the denoiser's trainable parameters. Returns {"pg": [n_groups, K]} SFT-PG's estimate
+    (N D x the gradient of `policy_gradient_loss` over all N steps; B = 0 if baseline=False) and {"rp": ...} the
+    reparameterised full-backprop gradient of mean f(x_0) on the same trajectories (same x_T and noises).
+    Both are unbiased; var over groups x group_size is the variance per trajectory.
+    """
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
+    n, dim = model.n_steps, int(np.prod(model.data.shape[1:]))
+    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
+    out = {"pg": [], "rp": []}
+    for _ in range(n_groups):
+        x0, traj = model.sample(group_size, generator)
+        idx = torch.arange(n, device=x0.device).repeat_interleave(group_size)
+        final = x0.repeat(n, *[1] * (x0.dim() - 1))
+        adv = None if baseline else model.critic(final).detach()  # B = 0
+        loss, _ = model.policy_gradient_loss(torch.cat(traj.states[:-1]), torch.cat(traj.states[1:]), idx, final, adv)
+        out["pg"].append(directions @ flat(loss) * n * dim)
+        x_rp, _ = model.sample(group_size, plan=plan_full(n), noises=traj.noises,
+                               x_T=traj.states[0])
+        out["rp"].append(directions @ flat(model.critic(x_rp).mean()))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def denoising_error(denoiser, schedule: Schedule, x0: torch.Tensor, timesteps, generator=None, cond=None) -> list[float]:
+    """The pretraining loss per timestep, E||eps - eps_theta(q_sample(x0, t, eps), t)||^2 (mean over dims):
+    how well the network still denoises the forward process's marginals."""
+    out = []
+    for t in timesteps:
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        tb = torch.full((len(x0),), int(t), dtype=torch.long, device=x0.device)
+        out.append(F.mse_loss(denoiser(q_sample(schedule, x0, tb, eps), tb, cond), eps).item())
+    return out
+
+
+def fastdpm_timesteps(T: int, n: int, kind: str = "quadratic") -> list[int]:
+    """FastDPM's STEP selection of n of T timesteps (descending): "linear" = 0, T//n, 2T//n, ...;
+    "quadratic" = floor(linspace(0, sqrt(0.8 T), n)^2) (denser near t = 0, the authors' image setting)."""
+    if kind == "linear":
+        ts = list(range(0, T, T // n))[:n]
+    elif kind == "quadratic":
+        ts = (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(int).tolist()
+    else:
+        raise ValueError(f"kind must be 'linear' or 'quadratic', got {kind!r}")
+    if len(set(ts)) != n:
+        raise ValueError(f"n: {n} steps of T = {T} give repeated timesteps {ts}")
+    return sorted(ts, reverse=True)
