@@ -7,7 +7,7 @@ One gradient step = draw a batch, run the method's chain (forward), score it, ba
 call of the method's loss_fn followed by loss.backward() (DDPO: one sampling round + its first PPO
 update). Every method is measured in the same run, on the same model, batch and chain length:
 
-    seconds      median wall time of `--repeats` steps after two warm-up steps
+    seconds      median wall time of `--repeats` steps after three warm-up steps
     saved_bytes  sum of numel * element_size over the tensors autograd saves for backward
                  (torch.autograd.graph.saved_tensors_hooks), each saved view counted once and the
                  model's own parameters left out: the activations a backward pass has to keep.
@@ -150,7 +150,8 @@ def measure(method: str, model_name: str = "toy2d", n_steps: int = 50, batch: in
     if make is not None:
         forward = lambda: make(schedule, reward, shape, cond)(model, 0, torch.Generator(device=device).manual_seed(0))[0]  # noqa: E731
         saved = saved_bytes(forward, exclude=params)
-    timed(0), timed(0)  # warm-up (allocator, kernel caches): the first calls of a fresh process are slow
+    for _ in range(3):  # warm-up (allocator, kernel caches): the first calls of a fresh process are slow
+        timed(0)
     times = [timed(1 + r) for r in range(repeats)]
     out = {"method": method, "description": desc, "seconds": statistics.median(times), "times": times,
            "saved_bytes": saved, "peak_mb": None, "model": model_name, "n_steps": n_steps, "batch": batch,
