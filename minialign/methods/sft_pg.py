@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from ..sampling import plan_full, plan_none, sample, transition_log_prob
 from ..schedule import Schedule, q_sample
+from ..schedule import timesteps as spaced_timesteps
 from ..toy.models import ConditionalLinear
 
 
@@ -345,8 +346,8 @@ def fastdpm_timesteps(T: int, n: int, kind: str = "quadratic") -> list[int]:
     """FastDPM's STEP selection of n of T timesteps (descending): "linear" = 0, T//n, 2T//n, ...;
     "quadratic" = floor(linspace(0, sqrt(0.8 T), n)^2) (denser near t = 0, the authors' image setting)."""
     if kind == "linear":
-        ts = list(range(0, T, T // n))[:n]
-    elif kind == "quadratic":
+        return spaced_timesteps(T, n, "leading")
+    if kind == "quadratic":
         ts = (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(int).tolist()
     else:
         raise ValueError(f"kind must be 'linear' or 'quadratic', got {kind!r}")
