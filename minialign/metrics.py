@@ -1,15 +1,35 @@
-"""Sample-quality metrics: sliced Wasserstein distance, MMD, and a digits quality score."""
+"""Sample-quality metrics: sliced Wasserstein distance, MMD, a digits quality score, the denoising error."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .schedule import Schedule, q_sample
+
+
+def wasserstein_1d(px: torch.Tensor, py: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Exact W_p^p between the empirical distributions of sorted columns px [N, K] and py [M, K] (per column).
+
+    W_p^p = int_0^1 |F^-1(u) - G^-1(u)|^p du with both quantile functions piecewise constant: on the merged
+    grid of breakpoints {i/N} u {j/M} each piece pairs one x with one y, so the integral is an exact sum
+    (no interpolation, equal or unequal N and M)."""
+    n, m = len(px), len(py)
+    if n == m:
+        return ((px - py).abs() ** p).mean(0)
+    u = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m])
+    u = u.unique()  # sorted, ends at 1
+    width = torch.diff(u, prepend=u.new_zeros(1))
+    mid = u - width / 2  # a point inside each piece
+    ix = (mid * n).floor().long().clamp(max=n - 1)
+    iy = (mid * m).floor().long().clamp(max=m - 1)
+    return (width[:, None] * (px[ix] - py[iy]).abs() ** p).sum(0)
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 100, p: int = 2, seed: int = 0) -> float:
     """SWD_p between two point clouds [N, D] and [M, D] (SFT-PG's metric: 100 projections, p = 2).
 
-    Each random unit direction gives a 1-D Wasserstein distance between the projected samples, computed
-    from sorted quantiles (the clouds are matched on a common grid of N-quantiles if N != M);
-    the result is (mean over directions of W_p^p)^(1/p).
+    Each random unit direction gives the exact 1-D Wasserstein distance between the projected samples
+    (`wasserstein_1d`, exact for N != M too); the result is (mean over directions of W_p^p)^(1/p).
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must be [N, D] and [M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -18,10 +38,7 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 10
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
     px = (x.double().cpu() @ dirs).sort(0).values
     py = (y.double().cpu() @ dirs).sort(0).values
-    if len(px) != len(py):
-        q = torch.linspace(0, 1, max(len(px), len(py)), dtype=torch.float64)
-        px, py = torch.quantile(px, q, dim=0), torch.quantile(py, q, dim=0)
-    return float(((px - py).abs() ** p).mean() ** (1 / p))
+    return float(wasserstein_1d(px, py, p).mean() ** (1 / p))
 
 
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.05, 0.1, 0.2, 0.5, 1.0)) -> float:
@@ -67,4 +84,16 @@ def digits_score(images: torch.Tensor, labels: torch.Tensor | None, classifier, 
     if reference is not None:
         fx, fr = classifier.features(images), classifier.features(reference.to(images.device))
         out["feature_mmd"] = mmd_rbf(fx, fr, bandwidths=None)
+    return out
+
+
+@torch.no_grad()
+def denoising_error(denoiser, schedule: Schedule, x0: torch.Tensor, timesteps, generator=None, cond=None) -> list[float]:
+    """The pretraining loss per timestep, E||eps - eps_theta(q_sample(x0, t, eps), t)||^2 (mean over dims):
+    how well the network still denoises the forward process's marginals."""
+    out = []
+    for t in timesteps:
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        tb = torch.full((len(x0),), int(t), dtype=torch.long, device=x0.device)
+        out.append(F.mse_loss(denoiser(q_sample(schedule, x0, tb, eps), tb, cond), eps).item())
     return out

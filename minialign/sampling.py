@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .schedule import Schedule, step_coefficients
+from .schedule import Schedule, prev_timesteps, step_coefficients
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -101,7 +101,7 @@ class Trajectory:
     extras: dict = field(default_factory=dict)
 
     def prev_timestep(self, i: int) -> int:
-        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else self.final_timestep
+        return prev_timesteps(self.timesteps, self.final_timestep)[i]
 
 
 def _t_batch(t: int, x: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,27 @@ def timesteps(T: int, n: int, spacing: str = "leading", offset: int = 0) -> list
     if max(ts) >= T or min(ts) < 0:
         raise ValueError(f"offset={offset} puts timesteps outside [0, {T - 1}]")
     return sorted(ts, reverse=True)
+
+
+def prev_timesteps(ts, final_timestep: int = -1) -> list[int]:
+    """Where each step of a chain lands: step i goes from ts[i] to ts[i + 1], the last to `final_timestep`
+    (-1: the data, abar = 1). The one previous-timestep rule of the project."""
+    ts = [int(t) for t in ts]
+    return ts[1:] + [int(final_timestep)]
+
+
+def fastdpm_timesteps(T: int, n: int, kind: str = "quadratic") -> list[int]:
+    """FastDPM's STEP selection (Kong & Ping 2021) of n of T timesteps, descending: "linear" = 0, T//n, 2T//n, ...
+    (= leading spacing); "quadratic" = floor(linspace(0, sqrt(0.8 T), n)^2), denser near t = 0 (FastDPM's
+    STEP-quadratic; SFT-PG's image experiments use FastDPM's VAR-quadratic selection instead, not implemented)."""
+    import numpy as np
+
+    if kind == "linear":
+        return timesteps(T, n, "leading")
+    if kind == "quadratic":
+        ts = (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(int).tolist()
+    else:
+        raise ValueError(f"kind must be 'linear' or 'quadratic', got {kind!r}")
+    if len(set(ts)) != n:
+        raise ValueError(f"n: {n} steps of T = {T} give repeated timesteps {ts}")
+    return sorted(ts, reverse=True)

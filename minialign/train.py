@@ -104,10 +104,13 @@ def _clip(optimizer: torch.optim.Optimizer, default: Optional[float]) -> float:
     return worst
 
 
-def _save(path: Path, model, optimizer, generator, step, history):
+def _save(path: Path, model, loss_fn, optimizer, generator, step, history):
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
-                "step": step, "history": history}, tmp)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator),
+             "step": step, "history": history}
+    if hasattr(loss_fn, "state_dict"):  # a method's own state (networks, buffers) travels with the checkpoint
+        state["loss_fn"] = loss_fn.state_dict()
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
@@ -133,7 +136,9 @@ def train(
     """Run cfg.steps optimiser steps of loss_fn; returns the history (one dict per logged step).
 
     params:    what to train (default: the model's parameters with requires_grad); ignored with `optimizer`
-    optimizer: your own (e.g. param groups with different lrs and per-group "max_norm")
+    optimizer: your own (e.g. param groups with different lrs and per-group "max_norm"); without it, a loss_fn
+               that has `optimizer(model)` (a method that trains networks of its own) supplies it, and its
+               `state_dict()` / `load_state_dict()` go into the checkpoint
     callback:  callback(step, row) after each logged step (evaluate during training); may add keys to row
     With out_dir set, writes history.csv/json and checkpoint.pt there, and resumes from checkpoint.pt.
     """
@@ -141,6 +146,8 @@ def train(
     from tqdm.auto import tqdm
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if optimizer is None and hasattr(loss_fn, "optimizer"):  # a method with its own networks (SFT-PG's critic)
+        optimizer = loss_fn.optimizer(model)
     if optimizer is None:
         params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         if not params:
@@ -158,6 +165,8 @@ def train(
         if cfg.resume and ckpt.exists():
             state = torch.load(ckpt, map_location=acc.device, weights_only=False)
             model.load_state_dict(state["model"])
+            if "loss_fn" in state:
+                loss_fn.load_state_dict(state["loss_fn"])
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"], generator)
             start, history = state["step"], state["history"]
@@ -195,7 +204,7 @@ def train(
         if out is not None and acc.is_main_process and (
             (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.steps
         ):
-            _save(out / "checkpoint.pt", model, optimizer, generator, step + 1, history)
+            _save(out / "checkpoint.pt", model, loss_fn, optimizer, generator, step + 1, history)
             _write_history(out, history)
             (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     model.eval()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minialign.methods import ddpo, full_bp, refl, truncated_bp
+from minialign.methods.chain import chain_timesteps
 from minialign.rewards import Reward, component_log_density, jpeg_compressibility
 from minialign.sampling import plan_none, sample
 from minialign.schedule import Schedule, step_coefficients
@@ -104,7 +105,7 @@ def test_draft_lv_matches_a_hand_computation():
     # by hand: the same random draws in the same order
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(B, 2, generator=g, dtype=torch.float64)
-    ts = full_bp.chain_timesteps(sch, cfg)
+    ts = chain_timesteps(sch, cfg)
     x0, _ = sample(net, sch, x_T, ts, 0.0, plan_none(n))
     e = torch.randn(m * B, 2, generator=g, dtype=torch.float64)
     t1 = ts[-1]
@@ -126,7 +127,7 @@ def test_refl_matches_a_hand_computation():
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(B, 2, generator=g, dtype=torch.float64)
     j = int(torch.randint(n - 4, n, (1,), generator=g))
-    ts = full_bp.chain_timesteps(sch, cfg)
+    ts = chain_timesteps(sch, cfg)
     assert stats["t"] == ts[j] and ts[j] <= ts[n - 4]
     _, traj = sample(net, sch, x_T, ts, 0.0, plan_none(n))
     x_t, abar = traj.states[j], sch.abar(ts[j])
@@ -164,7 +165,7 @@ def test_ddpo_first_inner_step_has_ratio_exactly_one_and_reinforce_gradient():
     # REINFORCE by hand: -mean over stochastic steps and samples of A * log p, on the same trajectory
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(B, 2, generator=g, dtype=torch.float64)
-    ts = full_bp.chain_timesteps(sch, cfg)
+    ts = chain_timesteps(sch, cfg)
     x0, traj = sample(net, sch, x_T, ts, 1.0, generator=g, min_sigma=cfg.min_sigma)
     r = REWARD(x0)
     adv = ((r - r.mean()) / (r.std(unbiased=False) + 1e-8)).clamp(-5, 5)
@@ -174,7 +175,7 @@ def test_ddpo_first_inner_step_has_ratio_exactly_one_and_reinforce_gradient():
         c = step_coefficients(sch, ts[i], s, 1.0)
         x_t = traj.states[i]
         mean = c.a * x_t + c.b * net(x_t, torch.full((B,), ts[i]), None)
-        log_p = (-((traj.states[i + 1] - mean) ** 2) / (2 * c.sigma**2) - math.log(c.sigma) - 0.5 * math.log(2 * math.pi)).sum(1)
+        log_p = (-((traj.states[i + 1] - mean) ** 2) / (2 * c.sigma**2) - math.log(c.sigma) - 0.5 * math.log(2 * math.pi)).mean(1)
         terms.append((-adv * log_p).mean())
     hand = torch.stack(terms).mean()
     hand_grads = torch.autograd.grad(hand, list(net.parameters()), allow_unused=True)

@@ -8,9 +8,11 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from minialign.methods.sft_pg import (
-    SFTPG, MLPCritic, SFTPGConfig, StepBaseline, denoising_error, fastdpm_timesteps, fit, gradient_samples, loss_fn,
-)
+from minialign.lab import sft_pg_gradient_samples as gradient_samples
+from minialign.layers import MLPCritic, StepBaseline
+from minialign.methods.sft_pg import SFTPG, SFTPGConfig, fit, loss_fn
+from minialign.metrics import denoising_error
+from minialign.schedule import fastdpm_timesteps
 from minialign.sampling import plan_full
 from minialign.schedule import Schedule, timesteps
 from minialign.toy.models import MLPDenoiser

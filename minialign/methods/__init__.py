@@ -1,14 +1,91 @@
 """Reward fine-tuning methods, one file each, on top of the shared sampler (minialign.sampling).
 
-Every method is a choice of which sampling steps keep a graph and how the pieces become a loss; each
-file has a config dataclass (the notebook's knobs) and returns `loss_fn(model, step, generator) ->
-(loss, stats)` for minialign.train.train.
+Every method is a choice of which sampling steps keep a graph and how the pieces become a loss. The contract
+(methods/chain.py): a config dataclass inheriting `ChainConfig` (the notebook's knobs) and
+
+    make_loss(schedule, reward, cfg, *, shape, cond=None) -> loss_fn(model, step, generator) -> (loss, stats)
+
+for minialign.train.train. The registry below is the one list of methods: bench.py, the arena and the
+notebooks read it and never re-list methods. Adding a method is one file plus one line here.
 
     ddpo          policy gradient (PPO-clip) on the denoising MDP; any reward (Black et al. 2023)
     full_bp       backprop through every step: the exact pathwise gradient
     truncated_bp  DRaFT-K, DRaFT-LV (Clark et al. 2023), AlignProp (Prabhudesai et al. 2023)
     refl          one graph step at a random late timestep, reward on x0_hat (Xu et al. 2023)
     sft_pg        shortcut fine-tuning with policy gradient against a learned critic (Fan & Lee 2023)
-
-Import the submodules directly: `from minialign.methods import full_bp`.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from . import chain  # noqa: F401  (first: the method files import it)
+from . import ddpo, full_bp, refl, sft_pg, truncated_bp
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: `config(**defaults, **overrides)` and `make_loss` build its loss_fn.
+
+    grad_reward: it backpropagates through the reward (a non-differentiable reward is refused)
+    needs_data:  it matches a data distribution (SFT-PG) instead of maximising a given reward
+    """
+
+    name: str
+    label: str                 # a human name for tables and figures
+    config: type
+    make_loss: Callable
+    description: str
+    grad_reward: bool = True
+    needs_data: bool = False
+    defaults: dict = field(default_factory=dict)
+
+    def make_config(self, **overrides):
+        unknown = set(overrides) - set(self.config.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown config field(s) {sorted(unknown)}; "
+                             f"{self.config.__name__} has {sorted(self.config.__dataclass_fields__)}")
+        return self.config(**{**self.defaults, **overrides})
+
+
+_TB = truncated_bp.TruncatedBPConfig
+REGISTRY: dict[str, Method] = {m.name: m for m in [
+    Method("ddpo", "DDPO", ddpo.DDPOConfig, ddpo.make_loss,
+           "PPO-clip on the denoising MDP, eta = 1 (Black et al. 2023)", grad_reward=False),
+    Method("full_bp", "full backprop", full_bp.FullBPConfig, full_bp.make_loss,
+           "backprop through every step: the exact pathwise gradient"),
+    Method("full_bp_ckpt", "full backprop (checkpointed)", full_bp.FullBPConfig, full_bp.make_loss,
+           "full backprop, each step's network call checkpointed", defaults=dict(checkpoint=True)),
+    Method("draft_1", "DRaFT-1", _TB, truncated_bp.make_loss, "graph on the last step only (Clark et al. 2023)",
+           defaults=dict(k=1)),
+    Method("draft_k", "DRaFT-K", _TB, truncated_bp.make_loss, "graph on the last K = 5 steps, latent cut before",
+           defaults=dict(k=5)),
+    Method("alignprop", "AlignProp", _TB, truncated_bp.make_loss,
+           "last K ~ U{1..N} steps with graph, latent path kept (Prabhudesai et al. 2023)",
+           defaults=dict(variant="alignprop", random_k=True)),
+    Method("draft_lv", "DRaFT-LV", _TB, truncated_bp.make_loss, "K = 1, the final sample re-noised n = 2 times",
+           defaults=dict(variant="draft_lv", lv_samples=2)),
+    Method("refl", "ReFL", refl.ReFLConfig, refl.make_loss, "one graph step at a random late t, reward on x0_hat (Xu et al. 2023)"),
+    Method("sft_pg", "SFT-PG", sft_pg.SFTPGConfig, sft_pg.make_loss,
+           "policy gradient against a learned critic of the data (Fan & Lee 2023)", grad_reward=False, needs_data=True),
+]}
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(name: str, schedule, reward, *, shape, cond=None, config=None, data=None, **overrides):
+    """(loss_fn, cfg) of a registered method: its defaults, then `overrides` (or a full `config`).
+    data: real samples, for a method that matches a distribution (needs_data)."""
+    m = get(name)
+    cfg = config if config is not None else m.make_config(**overrides)
+    if config is not None and overrides:
+        cfg = replace(config, **overrides)
+    if m.needs_data:
+        return m.make_loss(schedule, reward, cfg, shape=shape, cond=cond, data=data), cfg
+    if data is not None:
+        raise ValueError(f"data: {name} maximises a reward and takes no data")
+    return m.make_loss(schedule, reward, cfg, shape=shape, cond=cond), cfg

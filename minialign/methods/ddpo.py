@@ -6,7 +6,7 @@ p_theta(x_s | x_t) = N(x_s; mu_theta(x_t), sigma_t^2 I). Sample a batch with eta
 store states and per-step log-probs log p_old(x_s | x_t), score the samples, and standardise:
 
     A_b     = (r_b - mean r) / (std r + 1e-8)        over the batch, or within each condition
-    ratio   = exp(log p_theta(x_s | x_t) - log p_old(x_s | x_t))           per sample and step
+    ratio   = exp((log p_theta(x_s | x_t) - log p_old(x_s | x_t)) / D)     per sample and step, D = dims
     L_step  = mean_b max(-A_b * ratio, -A_b * clip(ratio, 1 - eps, 1 + eps)),  A_b clipped to [-a, a]
     loss    = mean over trained steps of L_step  (+ kl_coef * mean_step KL(p_theta || p_ref))
 
@@ -21,6 +21,10 @@ share sigma: KL = |mu_theta(x_t) - mu_ref(x_t)|^2 / (2 sigma_t^2), summed over d
 states, against a frozen copy of the model taken at the first call (or `reference`).
 
 Deviations, named:
+- the log-probs in the ratio are divided by the number of dimensions D (a per-dimension log-prob), as the
+  authors' ddpo-pytorch code averages them; the paper's ratio of densities would be exp(D * that). The clip
+  range (1e-4) and learning rates are tuned for this scale: summed log-probs make |ratio - 1| reach ~100 and
+  clip nearly everything after the first update (then DDPO degenerates into one REINFORCE step per batch).
 - the last step of an eta = 1 chain into abar = 1 is deterministic (sigma_t = 0, no log-prob): it is
   not an action and is not trained (Stable Diffusion's schedule ends at abar_0 < 1, so DDPO trains it
   there). The sampler is given min_sigma = 1e-6 so that it records a log-prob for every step; that step's
@@ -38,25 +42,22 @@ Deviations, named:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..sampling import gaussian_log_prob, sample, step_mean
-from ..schedule import step_coefficients
-from .full_bp import chain_timesteps, draw_start
+from ..schedule import prev_timesteps, step_coefficients
+from .chain import ChainConfig, chain_timesteps, draw_start
 
 ADVANTAGES = ("batch", "per_condition")
 
 
 @dataclass
-class DDPOConfig:
-    batch: int = 32                # samples per sampling round
-    n_steps: int = 20
+class DDPOConfig(ChainConfig):
     eta: float = 1.0               # the chain must be stochastic: DDPO uses eta = 1
-    spacing: str = "trailing"
-    offset: int = 0
     inner_epochs: int = 2          # passes over each sampled batch
     minibatches: int = 1           # optimiser steps per pass
     clip_range: float = 1e-4       # PPO's epsilon
@@ -110,11 +111,12 @@ def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference:
     """
     _check(cfg)
     ts = chain_timesteps(schedule, cfg)
-    prev = ts[1:] + [-1]
+    prev = prev_timesteps(ts)
     trained = [i for i in range(len(ts)) if step_coefficients(schedule, ts[i], prev[i], cfg.eta).sigma > 0]
     if not trained:
         raise ValueError(f"no stochastic step to train in timesteps {ts} with eta={cfg.eta}")
     updates_per_batch = cfg.inner_epochs * cfg.minibatches
+    dim = math.prod(shape)
     state = {"updates": 0, "ref": reference}
 
     @torch.no_grad()
@@ -150,8 +152,11 @@ def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference:
             x_t, x_s = traj.states[i][idx], traj.states[i + 1][idx]
             mean, sigma = step_mean(model, schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)
             sigma = max(sigma, cfg.min_sigma)
-            log_prob = gaussian_log_prob(x_s, mean, sigma)
-            loss_i, ratio = ppo_clip_loss(log_prob, traj.log_probs[i][idx], buf["adv"][idx], cfg.clip_range, cfg.adv_clip)
+            # per-dimension log-probs, as ddpo-pytorch (the sum over D dims, divided by D in both, so that the
+            # first ratio stays bit-exactly 1); PPO's clip range is tuned for this scale
+            log_prob = gaussian_log_prob(x_s, mean, sigma) / dim
+            old = traj.log_probs[i][idx] / dim
+            loss_i, ratio = ppo_clip_loss(log_prob, old, buf["adv"][idx], cfg.clip_range, cfg.adv_clip)
             if cfg.kl_coef > 0:
                 with torch.no_grad():
                     ref_mean, _ = step_mean(state["ref"], schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)

@@ -23,18 +23,13 @@ from typing import Optional
 
 import torch
 
-from ..rewards.base import require_differentiable
+from ..rewards.base import require_differentiable, reward_with_graph
 from ..sampling import plan_none, predict_x0, sample
-from .full_bp import chain_timesteps, draw_start, reward_with_graph
+from .chain import ChainConfig, chain_timesteps, draw_start
 
 
 @dataclass
-class ReFLConfig:
-    batch: int = 32
-    n_steps: int = 20
-    eta: float = 0.0
-    spacing: str = "trailing"
-    offset: int = 0
+class ReFLConfig(ChainConfig):
     late_fraction: float = 0.25           # L = ceil(late_fraction * N) last steps to choose j from (10/40)
     relu_margin: Optional[float] = None   # the authors' code: loss = relu(margin - r) (margin 2 for ImageReward)
 

@@ -1,4 +1,4 @@
-"""SFT-PG: Shortcut Fine-Tuning with Policy Gradient (Fan & Lee, ICML 2023; DESIGN 4.2).
+"""SFT-PG: Shortcut Fine-Tuning with Policy Gradient (Fan & Lee, ICML 2023).
 
 A few-step stochastic sampler, x_T ~ N(0, I) and then N transitions
 
@@ -53,17 +53,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import MLPCritic, StepBaseline
 from ..sampling import plan_full, plan_none, sample, transition_log_prob
-from ..schedule import Schedule, q_sample
-from ..schedule import timesteps as spaced_timesteps
-from ..toy.models import ConditionalLinear
+from ..schedule import Schedule, prev_timesteps
+from .chain import ChainConfig, chain_timesteps
 
 
 @dataclass
-class SFTPGConfig:
-    """Authors' toy defaults (DESIGN 4.2). Fields are the notebook's knobs."""
+class SFTPGConfig(ChainConfig):
+    """Authors' toy defaults (Fan & Lee 2023, Sec. 5 and their code). Fields are the notebook's knobs; the chain
+    fields (n_steps, spacing, offset) are used by `make_loss` (an SFTPG built by hand takes its timesteps)."""
 
     batch: int = 128  # trajectories (and real samples) per critic step
+    n_steps: int = 10  # steps of the few-step chain
     lr: float = 5e-5  # generator (Adam)
     critic_lr: float = 1e-3
     baseline_lr: float = 1e-3
@@ -80,6 +82,7 @@ class SFTPGConfig:
     ema: Optional[float] = None  # decay of a moving average of the denoiser's weights per generator step (None: off)
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.eta > 0:
             raise ValueError(f"eta must be > 0 for SFT-PG (eta = 0 is DDIM: its steps are deterministic and have "
                              f"no log-prob, so there is no policy gradient), got {self.eta}")
@@ -99,34 +102,6 @@ class SFTPGConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be None (off) or a decay in (0, 1), got {self.ema}")
-
-
-class MLPCritic(nn.Module):
-    """f(x) [B, ...] -> [B]: ReLU MLP on the flattened sample (authors' toy critic: dim -> 256 -> 256 -> 1)."""
-
-    def __init__(self, dim: int, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
-
-    def forward(self, x):
-        return self.net(x).squeeze(1)
-
-
-class StepBaseline(nn.Module):
-    """B(x_i, i) -> [B]: x_i [B, ...] the state before step i (i = 0 is x_T), i a LongTensor [B];
-    each layer scaled by a learned per-step vector (the authors' value network)."""
-
-    def __init__(self, dim: int, n_steps: int, hidden: int = 256):
-        super().__init__()
-        self.l1 = ConditionalLinear(dim, hidden, n_steps)
-        self.l2 = ConditionalLinear(hidden, hidden, n_steps)
-        self.out = ConditionalLinear(hidden, 1, n_steps)
-
-    def forward(self, x, i):
-        h = F.relu(self.l1(x.flatten(1), i))
-        h = F.relu(self.l2(h, i))
-        return self.out(h, i).squeeze(1)
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator):
@@ -213,9 +188,10 @@ class SFTPG(nn.Module):
         step_index LongTensor [K], final = the x_0 each transition led to [K, ...]); graph to the denoiser."""
         adv = self.advantage(states, step_index, final) if advantage is None else advantage
         total = 0.0
+        prev = prev_timesteps(self.timesteps)
         for i in step_index.unique().tolist():
             m = step_index == i
-            s = self.timesteps[i + 1] if i + 1 < self.n_steps else -1
+            s = prev[i]
             log_prob = transition_log_prob(self.denoiser, self.schedule, states[m], next_states[m], self.timesteps[i], s,
                                            self.config.eta, self.cond, self.config.min_sigma, reduce="mean")
             total = total + (adv[m] * log_prob).sum()
@@ -290,8 +266,57 @@ class SFTPG(nn.Module):
 
 
 def loss_fn(model: SFTPG, step: int, generator: torch.Generator):
-    """The `loss_fn(model, step, generator)` of minialign.train.train."""
+    """The `loss_fn(model, step, generator)` of minialign.train.train, with the SFTPG module as the model."""
     return model.loss(step, generator)
+
+
+class SFTPGLoss:
+    """SFT-PG behind the method contract: `loss_fn(denoiser, step, generator)` like every other method.
+
+    On first use it builds an SFTPG around the denoiser train() passes (critic, baseline and trajectory buffer
+    live here). train() asks `optimizer(model)` for SFT-PG's param groups (generator, critic, baseline with their
+    own lrs and clipping) and checkpoints `state_dict()`, so resume stays bit-exact.
+    """
+
+    def __init__(self, schedule, cfg: SFTPGConfig, data, timesteps, cond):
+        self.schedule, self.cfg, self.data, self.timesteps, self.cond = schedule, cfg, data, timesteps, cond
+        self.module: Optional[SFTPG] = None
+
+    def bind(self, model: nn.Module) -> SFTPG:
+        if self.module is None or self.module.denoiser is not model:
+            p = next(model.parameters())
+            self.module = SFTPG(model, self.schedule, self.timesteps, self.data.to(p.device, p.dtype), self.cfg,
+                                cond=self.cond).to(p.device, p.dtype)
+        return self.module
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return self.bind(model).optimizer()
+
+    def __call__(self, model, step: int, generator: torch.Generator):
+        return self.bind(model).loss(step, generator)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict() if self.module is not None else {}
+
+    def load_state_dict(self, state: dict):
+        if self.module is None:
+            raise RuntimeError("SFTPGLoss.load_state_dict: call optimizer(model) or the loss once first (binds the model)")
+        self.module.load_state_dict(state)
+
+
+def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None, timesteps=None) -> SFTPGLoss:
+    """The method contract for SFT-PG. Its "reward" is learned: -f(x_0), f a critic trained against `data`
+    (real samples [M, *shape]), so `reward` is not used (pass None) and `data` is required.
+    timesteps: the few-step chain (default: chain_timesteps(schedule, cfg), e.g. fastdpm_timesteps for images)."""
+    if data is None:
+        raise ValueError("data: SFT-PG matches the data distribution (its reward is a critic trained against real "
+                         "samples); pass data=[M, *shape]")
+    if tuple(data.shape[1:]) != tuple(shape):
+        raise ValueError(f"data must be [M, *shape] = [M, {tuple(shape)}], got {tuple(data.shape)}")
+    ts = [int(t) for t in timesteps] if timesteps is not None else chain_timesteps(schedule, cfg)
+    if len(ts) != cfg.n_steps:
+        raise ValueError(f"timesteps: {len(ts)} given but cfg.n_steps = {cfg.n_steps}")
+    return SFTPGLoss(schedule, cfg, data, ts, cond)
 
 
 def fit(model: SFTPG, critic_steps: int, seed: int = 0, callback=None, log_every: int = 1, progress: bool = True, **kw):
@@ -302,55 +327,3 @@ def fit(model: SFTPG, critic_steps: int, seed: int = 0, callback=None, log_every
     cfg = TrainConfig(steps=cycles * model.cycle, lr=model.config.lr, seed=seed, batch=model.config.batch,
                       grad_clip=None, log_every=log_every, progress=progress, **kw)
     return train(model, loss_fn, cfg, optimizer=model.optimizer(), callback=callback)
-
-
-def gradient_samples(model: SFTPG, n_groups: int, group_size: int, directions: torch.Tensor,
-                     generator: torch.Generator, baseline: bool = True) -> dict:
-    """Projected estimates of grad_theta E[f(x_0)] (f and B fixed) on n_groups independent groups of trajectories.
-
-    directions: [K, P] over the denoiser's trainable parameters. Returns {"pg": [n_groups, K]} SFT-PG's estimate
-    (N D x the gradient of `policy_gradient_loss` over all N steps; B = 0 if baseline=False) and {"rp": ...} the
-    reparameterised full-backprop gradient of mean f(x_0) on the same trajectories (same x_T and noises).
-    Both are unbiased; var over groups x group_size is the variance per trajectory.
-    """
-    params = [p for p in model.denoiser.parameters() if p.requires_grad]
-    n, dim = model.n_steps, int(np.prod(model.data.shape[1:]))
-    flat = lambda loss: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])  # noqa: E731
-    out = {"pg": [], "rp": []}
-    for _ in range(n_groups):
-        x0, traj = model.sample(group_size, generator)
-        idx = torch.arange(n, device=x0.device).repeat_interleave(group_size)
-        final = x0.repeat(n, *[1] * (x0.dim() - 1))
-        adv = None if baseline else model.critic(final).detach()  # B = 0
-        loss, _ = model.policy_gradient_loss(torch.cat(traj.states[:-1]), torch.cat(traj.states[1:]), idx, final, adv)
-        out["pg"].append(directions @ flat(loss) * n * dim)
-        x_rp, _ = model.sample(group_size, plan=plan_full(n), noises=traj.noises,
-                               x_T=traj.states[0])
-        out["rp"].append(directions @ flat(model.critic(x_rp).mean()))
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-@torch.no_grad()
-def denoising_error(denoiser, schedule: Schedule, x0: torch.Tensor, timesteps, generator=None, cond=None) -> list[float]:
-    """The pretraining loss per timestep, E||eps - eps_theta(q_sample(x0, t, eps), t)||^2 (mean over dims):
-    how well the network still denoises the forward process's marginals."""
-    out = []
-    for t in timesteps:
-        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        tb = torch.full((len(x0),), int(t), dtype=torch.long, device=x0.device)
-        out.append(F.mse_loss(denoiser(q_sample(schedule, x0, tb, eps), tb, cond), eps).item())
-    return out
-
-
-def fastdpm_timesteps(T: int, n: int, kind: str = "quadratic") -> list[int]:
-    """FastDPM's STEP selection of n of T timesteps (descending): "linear" = 0, T//n, 2T//n, ...;
-    "quadratic" = floor(linspace(0, sqrt(0.8 T), n)^2) (denser near t = 0, the authors' image setting)."""
-    if kind == "linear":
-        return spaced_timesteps(T, n, "leading")
-    if kind == "quadratic":
-        ts = (np.linspace(0, np.sqrt(T * 0.8), n) ** 2).astype(int).tolist()
-    else:
-        raise ValueError(f"kind must be 'linear' or 'quadratic', got {kind!r}")
-    if len(set(ts)) != n:
-        raise ValueError(f"n: {n} steps of T = {T} give repeated timesteps {ts}")
-    return sorted(ts, reverse=True)

@@ -32,24 +32,31 @@ Only the re-noised copies carry gradient; the chain's own last step is run witho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ..rewards.base import require_differentiable
+from ..rewards.base import require_differentiable, reward_with_graph
 from ..sampling import plan_full, plan_none, plan_truncated, sample
 from ..schedule import q_sample
-from .full_bp import FullBPConfig, chain_timesteps, draw_start, reward_with_graph
+from .chain import ChainConfig, chain_timesteps, draw_start
 
 VARIANTS = ("draft", "alignprop", "draft_lv")
 _NAMES = {"draft": "DRaFT-K", "alignprop": "AlignProp", "draft_lv": "DRaFT-LV"}
 
 
 @dataclass
-class TruncatedBPConfig(FullBPConfig):
+class TruncatedBPConfig(ChainConfig):
     variant: str = "draft"   # draft (DRaFT-K) | alignprop | draft_lv
-    k: int = 1               # steps with graph (the maximum of the random K if random_k)
+    k: Optional[int] = None  # steps with graph (the maximum of the random K if random_k); None: 1, or n_steps if random_k
     random_k: bool = False   # K ~ U{1..k} per iteration (AlignProp's randomized truncation)
     lv_samples: int = 2      # DRaFT-LV: re-noised copies n per sample
+    checkpoint: bool = False # torch.utils.checkpoint on every graph step's network call
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.k is None:
+            self.k = self.n_steps if self.random_k else 1
 
 
 def _check(cfg: TruncatedBPConfig):

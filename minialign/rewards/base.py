@@ -54,3 +54,15 @@ def check_reward_graph(reward_value: torch.Tensor, reward, method: str) -> None:
             f"{method}: reward {name!r} returned a value with no graph to the samples, so no gradient can flow; "
             "it is not differentiable (mark it differentiable=False and use DDPO)"
         )
+
+
+def reward_with_graph(reward, x0: torch.Tensor, cond, method: str) -> torch.Tensor:
+    """r(x0, cond) [B] for a pathwise method, refusing samples or a result that carry no graph."""
+    if not x0.requires_grad:
+        raise ValueError(
+            f"{method}: the sample carries no graph (does the model have trainable parameters? "
+            "call model.requires_grad_(True) on a copy of the pretrained model)"
+        )
+    r = reward(x0, cond)
+    check_reward_graph(r, reward, method)
+    return r

@@ -11,18 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ConditionalLinear(nn.Module):
-    """Linear layer whose output is scaled by a learned per-timestep vector (SFT-PG's toy network)."""
-
-    def __init__(self, n_in: int, n_out: int, T: int):
-        super().__init__()
-        self.lin = nn.Linear(n_in, n_out)
-        self.embed = nn.Embedding(T, n_out)
-        nn.init.uniform_(self.embed.weight)
-
-    def forward(self, x, t):
-        return self.lin(x) * self.embed(t)
+from ..layers import ConditionalLinear
 
 
 class MLPDenoiser(nn.Module):

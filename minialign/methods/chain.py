@@ -1,0 +1,70 @@
+"""The chain every method samples: its config fields, its timesteps, x_T and the batch's conditioning.
+
+This is the method contract (the arena's): every method's config inherits `ChainConfig`, and every
+method file exposes
+
+    make_loss(schedule, reward, cfg, *, shape, cond=None) -> loss_fn(model, step, generator) -> (loss, stats)
+
+with `stats["reward"]` the mean reward of what the loss scored. A method file imports this module,
+`sampling`, `schedule`, `rewards` and `layers` (torch layers) — never a sibling method — and joins the
+registry in `minialign/methods/__init__.py` with one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..schedule import SPACINGS, timesteps
+
+
+@dataclass
+class ChainConfig:
+    """The sampling chain a method trains through (the notebook's and the arena's knobs)."""
+
+    batch: int = 32            # samples per gradient step
+    n_steps: int = 20          # sampling steps N of the chain
+    eta: float = 0.0           # 0 = DDIM (deterministic), 1 = DDPM posterior noise
+    spacing: str = "trailing"  # timestep spacing (schedule.timesteps); trailing keeps the last step at t > 0
+    offset: int = 0            # added to "leading" timesteps (1 = Stable Diffusion's steps_offset)
+
+    def __post_init__(self):
+        for name in ("batch", "n_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"offset must be an int >= 0, got {self.offset!r}")
+
+
+def chain_timesteps(schedule, cfg: ChainConfig) -> list[int]:
+    """The N descending timesteps of the sampling chain described by cfg (n_steps, spacing, offset)."""
+    return timesteps(schedule.T, cfg.n_steps, cfg.spacing, cfg.offset)
+
+
+def resolve_cond(cond, batch: int, generator: torch.Generator, device):
+    """Conditioning of one batch. cond: None (unconditional), an int label (the same for all), a tensor
+    [batch], or a callable (batch, generator) -> one of those (e.g. random labels per step)."""
+    if callable(cond):
+        cond = cond(batch, generator)
+    if cond is None:
+        return None
+    if isinstance(cond, int):
+        return torch.full((batch,), cond, dtype=torch.long, device=device)
+    if isinstance(cond, torch.Tensor):
+        if cond.shape[:1] != (batch,):
+            raise ValueError(f"cond must have batch size {batch} as its first dimension, got shape {tuple(cond.shape)}")
+        return cond.to(device)
+    raise ValueError(f"cond must be None, an int, a tensor [B] or a callable (batch, generator) -> cond, got {type(cond)}")
+
+
+def draw_start(model, batch: int, shape, cond, generator: torch.Generator):
+    """(x_T [batch, *shape] ~ N(0, I) in the model's dtype/device, the batch's cond)."""
+    p = next(model.parameters())
+    where = generator.device if generator is not None else p.device
+    x_T = torch.randn((batch, *shape), generator=generator, dtype=p.dtype, device=where).to(p.device)
+    return x_T, resolve_cond(cond, batch, generator, p.device)
