@@ -1,6 +1,7 @@
 """Small torch layers shared by the toy models and the methods (one place, so a method never imports a model)."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -47,3 +48,11 @@ class StepBaseline(nn.Module):
         h = F.relu(self.l1(x.flatten(1), i))
         h = F.relu(self.l2(h, i))
         return self.out(h, i).squeeze(1)
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator):
+    """WGAN-GP: mean (||grad_x f(x_hat)|| - 1)^2 at random interpolates x_hat of real and fake samples."""
+    u = torch.rand((len(real),) + (1,) * (real.dim() - 1), generator=generator).to(real)
+    x_hat = (u * real + (1 - u) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()

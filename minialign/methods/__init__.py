@@ -17,10 +17,11 @@ notebooks read it and never re-list methods. Adding a method is one file plus on
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Optional
 
 from . import chain  # noqa: F401  (first: the method files import it)
 from . import ddpo, full_bp, refl, sft_pg, truncated_bp
+from . import sdo
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Method:
 
     grad_reward: it backpropagates through the reward (a non-differentiable reward is refused)
     needs_data:  it matches a data distribution (SFT-PG) instead of maximising a given reward
+    extra:       extra(model_name) -> further make_loss keywords for a shipped model (e.g. ShortFT's shortcut)
     """
 
     name: str
@@ -39,6 +41,7 @@ class Method:
     grad_reward: bool = True
     needs_data: bool = False
     defaults: dict = field(default_factory=dict)
+    extra: Optional[Callable] = None
 
     def make_config(self, **overrides):
         unknown = set(overrides) - set(self.config.__dataclass_fields__)
@@ -66,6 +69,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("draft_lv", "DRaFT-LV", _TB, truncated_bp.make_loss, "K = 1, the final sample re-noised n = 2 times",
            defaults=dict(variant="draft_lv", lv_samples=2)),
     Method("refl", "ReFL", refl.ReFLConfig, refl.make_loss, "one graph step at a random late t, reward on x0_hat (Xu et al. 2023)"),
+    Method("sdo", "SDO", sdo.SDOConfig, sdo.make_loss, "one retained graph step (random k), the linear skip path elsewhere (Dou et al. 2025)"),
     Method("sft_pg", "SFT-PG", sft_pg.SFTPGConfig, sft_pg.make_loss,
            "policy gradient against a learned critic of the data (Fan & Lee 2023)", grad_reward=False, needs_data=True),
 ]}
@@ -77,15 +81,11 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def build(name: str, schedule, reward, *, shape, cond=None, config=None, data=None, **overrides):
+def build(name: str, schedule, reward, *, shape, cond=None, config=None, extra=None, **overrides):
     """(loss_fn, cfg) of a registered method: its defaults, then `overrides` (or a full `config`).
-    data: real samples, for a method that matches a distribution (needs_data)."""
+    extra: further keywords of that method's make_loss (SFT-PG's `data`, ShortFT's `shortcut`)."""
     m = get(name)
     cfg = config if config is not None else m.make_config(**overrides)
     if config is not None and overrides:
         cfg = replace(config, **overrides)
-    if m.needs_data:
-        return m.make_loss(schedule, reward, cfg, shape=shape, cond=cond, data=data), cfg
-    if data is not None:
-        raise ValueError(f"data: {name} maximises a reward and takes no data")
-    return m.make_loss(schedule, reward, cfg, shape=shape, cond=cond), cfg
+    return m.make_loss(schedule, reward, cfg, shape=shape, cond=cond, **(extra or {})), cfg

@@ -53,8 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import MLPCritic, StepBaseline
-from ..sampling import plan_full, plan_none, sample, transition_log_prob
+from ..layers import MLPCritic, StepBaseline, gradient_penalty
+from ..sampling import plan_none, sample, transition_log_prob
 from ..schedule import Schedule, prev_timesteps
 from .chain import ChainConfig, chain_timesteps
 
@@ -102,14 +102,6 @@ class SFTPGConfig(ChainConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be None (off) or a decay in (0, 1), got {self.ema}")
-
-
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator):
-    """WGAN-GP: mean (||grad_x f(x_hat)|| - 1)^2 at random interpolates x_hat of real and fake samples."""
-    u = torch.rand((len(real),) + (1,) * (real.dim() - 1), generator=generator).to(real)
-    x_hat = (u * real + (1 - u) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 class SFTPG(nn.Module):
@@ -271,12 +263,8 @@ def loss_fn(model: SFTPG, step: int, generator: torch.Generator):
 
 
 class SFTPGLoss:
-    """SFT-PG behind the method contract: `loss_fn(denoiser, step, generator)` like every other method.
-
-    On first use it builds an SFTPG around the denoiser train() passes (critic, baseline and trajectory buffer
-    live here). train() asks `optimizer(model)` for SFT-PG's param groups (generator, critic, baseline with their
-    own lrs and clipping) and checkpoints `state_dict()`, so resume stays bit-exact.
-    """
+    """SFT-PG behind the method contract, `loss_fn(denoiser, step, generator)`: builds an SFTPG (critic, baseline,
+    buffer) around the denoiser on first use; train() takes its `optimizer(model)` and checkpoints `state_dict()`."""
 
     def __init__(self, schedule, cfg: SFTPGConfig, data, timesteps, cond):
         self.schedule, self.cfg, self.data, self.timesteps, self.cond = schedule, cfg, data, timesteps, cond
@@ -285,8 +273,10 @@ class SFTPGLoss:
     def bind(self, model: nn.Module) -> SFTPG:
         if self.module is None or self.module.denoiser is not model:
             p = next(model.parameters())
-            self.module = SFTPG(model, self.schedule, self.timesteps, self.data.to(p.device, p.dtype), self.cfg,
-                                cond=self.cond).to(p.device, p.dtype)
+            with torch.random.fork_rng():  # the critic's and baseline's init do not depend on when this runs
+                torch.manual_seed(0)
+                self.module = SFTPG(model, self.schedule, self.timesteps, self.data.to(p.device, p.dtype), self.cfg,
+                                    cond=self.cond).to(p.device, p.dtype)
         return self.module
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -299,9 +289,7 @@ class SFTPGLoss:
         return self.module.state_dict() if self.module is not None else {}
 
     def load_state_dict(self, state: dict):
-        if self.module is None:
-            raise RuntimeError("SFTPGLoss.load_state_dict: call optimizer(model) or the loss once first (binds the model)")
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(state)  # train() calls optimizer(model) first, which binds the module
 
 
 def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None, timesteps=None) -> SFTPGLoss:

@@ -23,15 +23,23 @@ def _check_images(x: torch.Tensor):
         raise ValueError(f"image rewards take [B, C, H, W], got shape {tuple(x.shape)}")
 
 
-def classifier_reward(target: int | None = 0, classifier=None, log: bool = False) -> Reward:
+def classifier_reward(target: int | None = 0, classifier=None, log: bool = False, temperature: float = 1.0,
+                      label_offset: int = 0, clamp: bool = False) -> Reward:
     """Probability the shipped digit classifier (data/classifier, frozen) gives the digit `target`.
 
-    target=None scores each image against its own conditioning label (cond, a LongTensor [B]).
-    Output in [0, 1]; differentiable through the frozen classifier. log=True returns the log-probability
-    instead (<= 0, unbounded below: its gradient does not vanish when p saturates at 0 or 1).
+    target=None scores each image against its conditioning label (cond, a LongTensor [B]) plus `label_offset`
+    (mod 10): label_offset=1 asks a model told "3" to draw a 4. Output in [0, 1]; differentiable through the
+    frozen classifier. log=True returns the log-probability instead (<= 0, unbounded below: its gradient does not
+    vanish when p saturates). temperature > 1 divides the logits (softmax(z / T)): p approaches 1 only for a
+    logit margin T times larger, so the reward keeps rising long after the digit is recognisable.
+    clamp=True scores the image clamped to [-1, 1] (what a display shows), so pushing pixels out of range buys nothing.
     """
     if target is not None and not 0 <= int(target) <= 9:
         raise ValueError(f"target must be a digit in 0..9 or None (use cond), got {target!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if label_offset and target is not None:
+        raise ValueError(f"label_offset={label_offset} shifts the conditioning label: it needs target=None")
     if classifier is None:
         from ..toy.store import load
 
@@ -40,17 +48,18 @@ def classifier_reward(target: int | None = 0, classifier=None, log: bool = False
 
     def fn(x, cond=None):
         _check_images(x)
-        logits = classifier.to(x.device, x.dtype)(x)
+        logits = classifier.to(x.device, x.dtype)(x.clamp(-1, 1) if clamp else x) / temperature
         probs = logits.log_softmax(1) if log else logits.softmax(1)
         if target is not None:
             return probs[:, int(target)]
         if cond is None:
             raise ValueError("classifier_reward(target=None) scores images against their labels: pass cond [B]")
-        labels = torch.as_tensor(cond, device=x.device).long().expand(x.shape[0])
+        labels = (torch.as_tensor(cond, device=x.device).long().expand(x.shape[0]) + label_offset) % 10
         return probs.gather(1, labels[:, None]).squeeze(1)
 
-    what = f"digit={target if target is not None else 'cond'}"
-    return Reward(fn, f"classifier({'log ' if log else ''}p({what}))", differentiable=True)
+    what = f"digit={target}" if target is not None else ("label" + (f"+{label_offset}" if label_offset else ""))
+    extras = (f", T={temperature:g}" if temperature != 1 else "") + (", clamped" if clamp else "")
+    return Reward(fn, f"classifier({'log ' if log else ''}p({what}){extras})", differentiable=True)
 
 
 def brightness() -> Reward:

@@ -1,0 +1,83 @@
+"""Reward tasks the arena ranks methods on: a model, a reward, the conditioning, the chain, and why it ranks.
+
+A task that every method maxes out within the budget ranks nothing (notebook 02's p(3) did: all six baselines
+reached p = 1.000 within seconds). The tasks below were picked by measurement (`python -m minialign.arena
+--task NAME`, numbers in the README): the pretrained model is far from the best reward any method reached, and
+no method reached the reward's ceiling within the cpu budget.
+
+    digit3          p(3) from the classifier, unconditional digits (the EASY task: saturates; kept as a check)
+    digit3_tempered p(3) with the classifier's logits divided by T = 4 on images clamped to [-1, 1]:
+                    a perfectly recognisable 3 scores ~0.5, and out-of-range pixels buy nothing
+    digit_plus_one  class-conditional digits told "c" must draw c + 1 (mod 10): ten mappings to learn at once
+    ring_centre     the 2-D ring of 8 Gaussians must move its mass into the empty centre: r = -distance to a
+                    disc of radius 0.15 at the origin (the exact gradient is cheap: the estimator laboratory)
+
+Drift (every task): sliced W2 between the tuned model's samples and the pretrained model's samples from the
+same noise and conditioning (flattened), so 0 means "unchanged".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .rewards import Reward, classifier_reward, target_region
+
+
+def random_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Conditioning of a training batch: uniform digit labels [batch] (drawn from the method's generator)."""
+    return torch.randint(10, (batch,), generator=generator)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    label: str                         # a human name for tables and figures
+    model: str                         # shipped checkpoint (minialign.toy.store)
+    reward: Callable[[], Reward]       # builds the reward (lazily: the classifier loads from data/)
+    shape: tuple
+    conditional: bool = False          # random labels in training, labels 0..9 cycled in evaluation
+    n_steps: int = 20                  # the chain every method trains and is evaluated on (trailing spacing)
+    batch: int = 32
+    lr: float = 1e-4
+    eval_batch: int = 128
+    ceiling: Optional[float] = None    # the reward's maximum, where one exists
+    why: str = ""
+    chain: dict = field(default_factory=dict)  # further ChainConfig fields shared by every method
+
+    def load(self, device: str = "cpu"):
+        """(pretrained model, frozen, eval mode; schedule)."""
+        from .toy import store
+
+        model, schedule, _ = store.load(self.model)
+        return model.to(device).eval().requires_grad_(False), schedule
+
+    def train_cond(self):
+        return random_labels if self.conditional else None
+
+    def eval_cond(self, n: int, device: str = "cpu"):
+        return torch.arange(n, device=device) % 10 if self.conditional else None
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0,
+         why="saturates: every baseline reaches p = 1.000 in seconds (notebook 02); a sanity check, ranks nothing"),
+    Task("digit3_tempered", "tempered p(3), clamped", "digits",
+         lambda: classifier_reward(3, temperature=4.0, clamp=True), (1, 8, 8), ceiling=1.0,
+         why="a recognisable 3 scores ~0.5; the reward keeps rising with the classifier's margin on in-range pixels"),
+    Task("digit_plus_one", "draw label + 1", "digits", lambda: classifier_reward(None, label_offset=1, clamp=True),
+         (1, 8, 8), conditional=True, ceiling=1.0,
+         why="ten label-to-digit mappings to relearn at once, from p ~ 0 for the pretrained model"),
+    Task("ring_centre", "2-D: into the ring's centre", "gmm", lambda: target_region((0.0, 0.0), radius=0.15), (2,),
+         batch=64, lr=1e-3, ceiling=0.0,
+         why="the data has no mass there; each of 8 modes must travel ~0.85 across empty space"),
+]}
+
+
+def get(name) -> Task:
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    return TASKS[name]
