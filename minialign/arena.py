@@ -92,32 +92,43 @@ def _setup(task, name, model, schedule, reward, overrides, batch):
                           **{**chain, **(overrides or {}).get(name, {})})
 
 
-def probe(method_names, task, *, overrides=None, batch=None, probe_steps: int = 4, device="cpu") -> dict:
-    """{method: (seconds per step, network rows per step)}, timed on throwaway copies (after one warm-up step)."""
+def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: int = 4, device="cpu") -> dict:
+    """{method: (seconds per step, network rows per step)} on throwaway copies of the model: after one warm-up
+    step each, `rounds` interleaved rounds (every method one step per round, the order rotated), median time.
+    Interleaving makes a passing slowdown of the machine hit every method alike."""
     task = get_task(task)
     base, schedule = task.load(device)
     reward = task.reward()
-    out = {}
+    live = {}
     for name in method_names:
         model = copy.deepcopy(base).requires_grad_(True).train()
         loss_fn, _ = _setup(task, name, model, schedule, reward, overrides, batch)
         counter = _Counter(model)
-        fn = counter.wrap(loss_fn)
         opt = loss_fn.optimizer(model) if hasattr(loss_fn, "optimizer") else torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=task.lr, weight_decay=0.0)
-        g = torch.Generator().manual_seed(12345)
-        times = []
-        for step in range(probe_steps + 1):
-            t0 = time.perf_counter()
-            loss, _ = fn(model, step, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-            if step == 0:
-                counter.rows = 0
-        counter.handle.remove()
-        out[name] = (statistics.mean(times[1:]), counter.rows / probe_steps)
+            [p for p in model.parameters() if p.requires_grad], lr=lr or task.lr, weight_decay=0.0)
+        live[name] = dict(model=model, fn=counter.wrap(loss_fn), opt=opt, counter=counter,
+                          g=torch.Generator().manual_seed(12345), step=0, times=[])
+
+    def one_step(v):
+        t0 = time.perf_counter()
+        loss, _ = v["fn"](v["model"], v["step"], v["g"])
+        v["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        v["opt"].step()
+        v["step"] += 1
+        return time.perf_counter() - t0
+
+    for v in live.values():  # warm-up, not counted
+        one_step(v)
+        v["counter"].rows = 0
+    names = list(live)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            live[name]["times"].append(one_step(live[name]))
+    out = {}
+    for name, v in live.items():
+        v["counter"].handle.remove()
+        out[name] = (statistics.median(v["times"]), v["counter"].rows / rounds)
     return out
 
 
@@ -127,13 +138,16 @@ def _draw(model, schedule, x_T, ts, eta, cond, seed):
 
 
 def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,), evals: int = 6, overrides=None,
-        batch=None, device="cpu", progress: bool = True) -> dict:
-    """Train every method on `task` under one budget, for each seed; see the module docstring for the protocol."""
+        batch=None, lr=None, device="cpu", progress: bool = True, keep_models: bool = False) -> dict:
+    """Train every method on `task` under one budget, for each seed; see the module docstring for the protocol.
+    keep_models: also return the tuned models in result["models"][(method, seed)] (not saved to JSON)."""
     task = get_task(task)
     method_names = list(method_names)
     reward = _check(method_names, task, seconds, calls, steps, list(seeds))
     base, schedule = task.load(device)
-    probed = {} if steps is not None else probe(method_names, task, overrides=overrides, batch=batch, device=device)
+    if lr is not None and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    probed = {} if steps is not None else probe(method_names, task, overrides=overrides, batch=batch, lr=lr, device=device)
     if steps is None:
         steps = {n: max(1, int(seconds / probed[n][0]) if seconds is not None else int(calls / probed[n][1]))
                  for n in method_names}
@@ -141,7 +155,7 @@ def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,),
                          dtype=next(base.parameters()).dtype).to(device)
     c_eval = task.eval_cond(task.eval_batch, device)
     reference, pretrained = {}, {}
-    runs = []
+    runs, models = [], {}
     for name in method_names:
         for seed in seeds:
             model = copy.deepcopy(base).requires_grad_(True)
@@ -171,16 +185,30 @@ def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,),
             n = steps[name]
             if progress:
                 print(f"[arena] {task.name}: {name} seed {seed}, {n} steps", flush=True)
-            train(model, counter.wrap(loss_fn), TrainConfig(steps=n, lr=task.lr, seed=seed, batch=cfg.batch,
+            train(model, counter.wrap(loss_fn), TrainConfig(steps=n, lr=lr or task.lr, seed=seed, batch=cfg.batch,
                   grad_clip=1.0, log_every=max(1, math.ceil(n / evals)), progress=False), callback=on_eval)
             counter.handle.remove()
-            runs.append({"method": name, "seed": seed, "pretrained": pretrained[key], "curve": curve})
+            runs.append({"method": name, "seed": seed, "eta": cfg.eta, "pretrained": pretrained[key], "curve": curve})
+            if keep_models:
+                models[(name, seed)] = model.eval().requires_grad_(False)
     result = {"task": task.name, "task_label": task.label, "reward": reward.name, "ceiling": task.ceiling,
-              "budget": {"seconds": seconds, "calls": calls}, "steps": steps, "seeds": list(seeds),
+              "budget": {"seconds": seconds, "calls": calls}, "lr": lr or task.lr, "steps": steps, "seeds": list(seeds),
               "probe": {n: {"seconds_per_step": p[0], "rows_per_step": p[1]} for n, p in probed.items()},
               "runs": runs}
     result["rows"] = summarise(result)
+    if keep_models:
+        result["models"] = models
     return result
+
+
+def time_to(curve: dict, level: float, axis: str = "seconds") -> float:
+    """First `axis` value (seconds, step or calls) at which the evaluated reward reaches `level`, linearly
+    interpolated between evaluations; NaN if it never does."""
+    x, y = curve[axis], curve["reward"]
+    for i in range(1, len(y)):
+        if y[i] >= level:
+            return x[i] if y[i] <= y[i - 1] else x[i - 1] + (x[i] - x[i - 1]) * (level - y[i - 1]) / (y[i] - y[i - 1])
+    return float("nan")
 
 
 def summarise(result: dict) -> list[dict]:
@@ -254,7 +282,7 @@ def plot(result: dict, axes=None):
 
 def save(result: dict, path) -> None:
     with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump({k: v for k, v in result.items() if k != "models"}, f, indent=1)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,10 @@
 """The gradient laboratory: compare a method's gradient estimate with the exact gradient (2-D toy, float64).
 
     flat_grad(loss, params)                     one estimate as a flat vector
+    estimates(name, model, ...)                 S independent estimates of a registered method's gradient [S, P]
+    exact_gradient(model, ...)                  full backprop averaged over many samples, and its self-check
     estimator_stats(G, exact)                   cosine of each estimate and of their mean, noise fraction
+    grad_norm(model, loss_fn)                   the norm of one gradient of a loss_fn
     sft_pg_gradient_samples(model, ...)         SFT-PG's policy gradient and the reparameterised one, projected
 
 Used by the notebooks and the tests that check unbiasedness; none of this trains anything.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import methods as registry
 from .methods.sft_pg import SFTPG
 from .sampling import plan_full
 
@@ -20,6 +24,34 @@ def flat_grad(loss: torch.Tensor, params) -> torch.Tensor:
     params = list(params)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def estimates(name: str, model, schedule, reward, shape, n: int, seed: int = 0, cond=None, **chain) -> torch.Tensor:
+    """[n, P]: n independent gradient estimates of registered method `name` (its loss_fn evaluated once and
+    differentiated, generator seeds seed..seed+n-1; a fresh loss_fn each time, so DDPO's is its first update)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for s in range(seed, seed + n):
+        loss_fn, _ = registry.build(name, schedule, reward, shape=shape, cond=cond, **chain)
+        out.append(flat_grad(loss_fn(model, 0, torch.Generator().manual_seed(s))[0], params))
+    return torch.stack(out)
+
+
+def exact_gradient(model, schedule, reward, shape, n_samples: int, chunk: int = 2048, seed: int = 10**6, cond=None,
+                   **chain) -> tuple[torch.Tensor, float]:
+    """(full-backprop gradient averaged over n_samples, cosine between the averages of its two halves): the
+    reference "exact" gradient of E[r(x_0)] and a check of its own accuracy (near 1 when n_samples suffices)."""
+    chunk = min(chunk, max(1, n_samples // 2))
+    parts = estimates("full_bp", model, schedule, reward, shape, max(2, n_samples // chunk), seed, cond,
+                      **{**chain, "batch": chunk})
+    half = len(parts) // 2
+    return parts.mean(0), torch.cosine_similarity(parts[:half].mean(0), parts[half:].mean(0), 0).item()
+
+
+def grad_norm(model, loss_fn, seed: int = 0) -> float:
+    """|d loss / d theta| of one evaluation of loss_fn (generator seeded with `seed`)."""
+    loss, _ = loss_fn(model, 0, torch.Generator().manual_seed(seed))
+    return flat_grad(loss, [p for p in model.parameters() if p.requires_grad]).norm().item()
 
 
 def estimator_stats(G: torch.Tensor, exact: torch.Tensor) -> dict:

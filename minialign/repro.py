@@ -84,8 +84,10 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False) -> dict:
-    """Execute one notebook; returns {name, seconds, ok, error, failures, metrics}."""
+def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False,
+                 parameters: dict | None = None) -> dict:
+    """Execute one notebook; returns {name, seconds, ok, error, failures, metrics}.
+    parameters: further papermill parameters (e.g. {"lr": 1e-12} to check that a notebook that learns nothing fails)."""
     import papermill as pm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     try:
         pm.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
-            parameters={"profile": profile, "device": device, "metrics_out": str(metrics_path)},
+            parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
             kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False,
         )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell

@@ -139,7 +139,8 @@ def train(
     optimizer: your own (e.g. param groups with different lrs and per-group "max_norm"); without it, a loss_fn
                that has `optimizer(model)` (a method that trains networks of its own) supplies it, and its
                `state_dict()` / `load_state_dict()` go into the checkpoint
-    callback:  callback(step, row) after each logged step (evaluate during training); may add keys to row
+    callback:  callback(step, row) after each logged step (evaluate during training); may add keys to row;
+               returning True stops training after this step (an early stop: "the target is reached")
     With out_dir set, writes history.csv/json and checkpoint.pt there, and resumes from checkpoint.pt.
     """
     from accelerate import Accelerator
@@ -180,6 +181,7 @@ def train(
                disable=not (cfg.progress and acc.is_local_main_process))
     for step in bar:
         model.train()
+        stop = False
         loss, stats = loss_fn(model, step, generator)
         _check_finite(step, loss, stats)
         # set_to_none matters: a parameter without a gradient this step (e.g. SFT-PG's generator on a critic
@@ -198,14 +200,17 @@ def train(
                    **{k: float(v) for k, v in stats.items()}, "seconds": time.perf_counter() - t0}
             if callback is not None:
                 model.eval()
-                callback(step + 1, row)
+                stop = callback(step + 1, row) is True
             history.append(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "reward")})
         if out is not None and acc.is_main_process and (
-            (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.steps
+            (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.steps or stop
         ):
             _save(out / "checkpoint.pt", model, loss_fn, optimizer, generator, step + 1, history)
             _write_history(out, history)
             (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if stop:
+            acc.print(f"stopped at step {step + 1} by the callback")
+            break
     model.eval()
     return history

@@ -61,3 +61,15 @@ def test_environment_yml_installs_this_package():
     env = yaml.safe_load((repro.ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert "-e .[dev]" in pip and any(p.startswith("torch==") for p in pip)
+
+
+@pytest.mark.notebook
+def test_a_notebook_that_learns_nothing_fails_its_relative_checks(tmp_path):
+    """The smoke tolerances can fail: with a learning rate of ~0 every method of notebook 02 learns nothing, and
+    repro reports the relative checks (reward gain over the pretrained model) by name."""
+    r = repro.run_notebook("02_reward_gradients", "smoke", tmp_path, parameters={"lr": 1e-12})
+    assert r["error"] is None, r["error"]
+    failed = " ".join(r["failures"])
+    for name in ("full_bp", "ddpo", "draft_k", "alignprop", "draft_lv", "refl"):
+        assert f"{name}_reward_gain" in failed, r["failures"]
+    assert not r["ok"]

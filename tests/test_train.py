@@ -141,3 +141,16 @@ def test_accelerate_launch_two_processes_keeps_parameters_identical(tmp_path):
     line = next(l for l in out.stdout.splitlines() if l.startswith("PROCESSES"))
     _, n, _, maxdiff, _, moved = line.split()
     assert int(n) == 2 and float(maxdiff) == 0.0 and float(moved) > 0
+
+
+def test_a_callback_returning_true_stops_training_early():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(m, step, g):
+        return m(torch.ones(4, 2)).pow(2).mean(), {}
+
+    seen = []
+    hist = train(model, loss_fn, TrainConfig(steps=50, lr=1e-2, progress=False),
+                 callback=lambda step, row: seen.append(step) or step >= 7)
+    assert seen[-1] == 7 and hist[-1]["step"] == 7 and len(hist) == 7

@@ -75,6 +75,7 @@ class SFTPGConfig(ChainConfig):
     max_norm: float = 0.1  # generator gradient clipping (authors' 0.1)
     critic_max_norm: Optional[float] = None  # critic/baseline clipping (authors: none)
     baseline: bool = True  # False: B = 0 (plain REINFORCE on f(x_0))
+    baseline_hidden: int = 256  # width of B(x_i, i) (authors: 256)
     baseline_reg: float = 1.0  # lambda: how much of the baseline's squared error reaches the critic
     gradient_penalty: float = 0.0  # WGAN-GP weight on the critic (0: off, as the authors)
     eta: float = 1.0  # DDIM eta of the trained chain; must be > 0
@@ -89,17 +90,15 @@ class SFTPGConfig(ChainConfig):
         if not self.min_sigma > 0:
             raise ValueError(f"min_sigma must be > 0 for SFT-PG (the last step of an eta = 1 chain has sigma = 0; "
                              f"it needs a tiny sigma such as 1e-3 to be a stochastic, trainable step), got {self.min_sigma}")
-        for name in ("batch", "n_critic", "n_generator"):
+        for name in ("n_critic", "n_generator", "baseline_hidden"):  # batch is checked by ChainConfig
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.gen_batch is not None and (not isinstance(self.gen_batch, int) or self.gen_batch < 1):
             raise ValueError(f"gen_batch must be a positive int or None (all stored transitions), got {self.gen_batch!r}")
-        for name in ("lr", "critic_lr", "baseline_lr", "max_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("baseline_reg", "gradient_penalty"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, low in [("lr", 0), ("critic_lr", 0), ("baseline_lr", 0), ("max_norm", 0), ("baseline_reg", None),
+                          ("gradient_penalty", None)]:
+            if not (getattr(self, name) > low if low is not None else getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be {'> 0' if low is not None else '>= 0'}, got {getattr(self, name)}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be None (off) or a decay in (0, 1), got {self.ema}")
 
@@ -123,7 +122,8 @@ class SFTPG(nn.Module):
         self.register_buffer("data", data, persistent=False)
         dim = int(np.prod(data.shape[1:]))
         self.critic = critic if critic is not None else MLPCritic(dim)
-        self.baseline = (baseline if baseline is not None else StepBaseline(dim, self.n_steps)) if cfg.baseline else None
+        self.baseline = (baseline if baseline is not None else StepBaseline(dim, self.n_steps, cfg.baseline_hidden)
+                         ) if cfg.baseline else None
         stored = cfg.n_critic * cfg.batch * self.n_steps
         if cfg.gen_batch is not None and cfg.gen_batch * cfg.n_generator > stored:
             raise ValueError(f"gen_batch: {cfg.n_generator} x {cfg.gen_batch} transitions per phase > the {stored} stored "
@@ -266,15 +266,16 @@ class SFTPGLoss:
     """SFT-PG behind the method contract, `loss_fn(denoiser, step, generator)`: builds an SFTPG (critic, baseline,
     buffer) around the denoiser on first use; train() takes its `optimizer(model)` and checkpoints `state_dict()`."""
 
-    def __init__(self, schedule, cfg: SFTPGConfig, data, timesteps, cond):
+    def __init__(self, schedule, cfg: SFTPGConfig, data, timesteps, cond, init_seed: int = 0):
         self.schedule, self.cfg, self.data, self.timesteps, self.cond = schedule, cfg, data, timesteps, cond
+        self.init_seed = init_seed
         self.module: Optional[SFTPG] = None
 
     def bind(self, model: nn.Module) -> SFTPG:
         if self.module is None or self.module.denoiser is not model:
             p = next(model.parameters())
             with torch.random.fork_rng():  # the critic's and baseline's init do not depend on when this runs
-                torch.manual_seed(0)
+                torch.manual_seed(self.init_seed)
                 self.module = SFTPG(model, self.schedule, self.timesteps, self.data.to(p.device, p.dtype), self.cfg,
                                     cond=self.cond).to(p.device, p.dtype)
         return self.module
@@ -292,10 +293,12 @@ class SFTPGLoss:
         self.module.load_state_dict(state)  # train() calls optimizer(model) first, which binds the module
 
 
-def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None, timesteps=None) -> SFTPGLoss:
+def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None, timesteps=None,
+              init_seed: int = 0) -> SFTPGLoss:
     """The method contract for SFT-PG. Its "reward" is learned: -f(x_0), f a critic trained against `data`
     (real samples [M, *shape]), so `reward` is not used (pass None) and `data` is required.
-    timesteps: the few-step chain (default: chain_timesteps(schedule, cfg), e.g. fastdpm_timesteps for images)."""
+    timesteps: the few-step chain (default: chain_timesteps(schedule, cfg), e.g. fastdpm_timesteps for images);
+    init_seed: seeds the critic's and baseline's initialisation."""
     if data is None:
         raise ValueError("data: SFT-PG matches the data distribution (its reward is a critic trained against real "
                          "samples); pass data=[M, *shape]")
@@ -304,7 +307,7 @@ def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None
     ts = [int(t) for t in timesteps] if timesteps is not None else chain_timesteps(schedule, cfg)
     if len(ts) != cfg.n_steps:
         raise ValueError(f"timesteps: {len(ts)} given but cfg.n_steps = {cfg.n_steps}")
-    return SFTPGLoss(schedule, cfg, data, ts, cond)
+    return SFTPGLoss(schedule, cfg, data, ts, cond, init_seed)
 
 
 def fit(model: SFTPG, critic_steps: int, seed: int = 0, callback=None, log_every: int = 1, progress: bool = True, **kw):
