@@ -3,8 +3,10 @@
     python -m minialign.arena --task digit3_tempered --methods ddpo full_bp draft_1 --seconds 20 --seeds 0 1 2
     result = arena.run(["ddpo", "full_bp"], "digit_plus_one", seconds=20, seeds=[0, 1, 2])
 
-Protocol. A wall-clock budget is first turned into a step count per method: each method's step is timed on a
-throwaway copy of the model (one warm-up, then `probe` steps) and steps = floor(seconds / seconds_per_step).
+Protocol. A time budget is first turned into a step count per method: each method's step is timed on a
+throwaway copy of the model (one warm-up, then interleaved rounds) and steps = floor(seconds / seconds_per_step).
+On the CPU, "seconds" are this process's CPU seconds (time.process_time): with one torch thread that is the wall
+time of an idle machine, and other work on a shared machine does not shrink anybody's budget. On CUDA: wall time.
 The counts are recorded (`result["steps"]`), so `run(..., steps=result["steps"])` repeats the comparison with
 identical numbers on a machine of any speed or load. A network-call budget (`calls`: sample-evaluations of the
 denoiser, i.e. rows through the network, counted by a forward hook) is turned into steps the same way.
@@ -25,6 +27,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -80,9 +83,8 @@ class _Counter:
                 return loss_fn(model, step, generator)
             finally:
                 self.on = False
-        for attr in ("optimizer", "state_dict", "load_state_dict"):
-            if hasattr(loss_fn, attr):
-                setattr(counted, attr, getattr(loss_fn, attr))
+        for attr in {"optimizer", "state_dict", "load_state_dict"} & set(dir(loss_fn)):
+            setattr(counted, attr, getattr(loss_fn, attr))  # a method's own networks and state (SFT-PG)
         return counted
 
 
@@ -109,14 +111,18 @@ def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: in
         live[name] = dict(model=model, fn=counter.wrap(loss_fn), opt=opt, counter=counter,
                           g=torch.Generator().manual_seed(12345), step=0, times=[])
 
+    clock = _clock(device)
+
     def one_step(v):
-        t0 = time.perf_counter()
+        t0 = clock()
         loss, _ = v["fn"](v["model"], v["step"], v["g"])
         v["opt"].zero_grad(set_to_none=True)
         loss.backward()
         v["opt"].step()
         v["step"] += 1
-        return time.perf_counter() - t0
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        return clock() - t0
 
     for v in live.values():  # warm-up, not counted
         one_step(v)
@@ -130,6 +136,11 @@ def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: in
         v["counter"].handle.remove()
         out[name] = (statistics.median(v["times"]), v["counter"].rows / rounds)
     return out
+
+
+def _clock(device):
+    """CPU seconds of this process on the CPU (immune to other processes), wall seconds on CUDA."""
+    return time.perf_counter if str(device).startswith("cuda") else time.process_time
 
 
 @torch.no_grad()
@@ -173,14 +184,15 @@ def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,),
 
             counter = _Counter(model)
             curve = {"step": [0], "seconds": [0.0], "calls": [0], "reward": [pretrained[key]], "drift": [0.0]}
-            spent = [0.0]
+            clock = _clock(device)
+            spent = [clock(), 0.0]  # start, time spent evaluating
 
             def on_eval(step, row, model=model, curve=curve, counter=counter, spent=spent, evaluate=evaluate):
-                t0 = time.perf_counter()
+                t0 = clock()
                 r, d = evaluate(model)
-                curve["step"].append(step); curve["seconds"].append(row["seconds"] - spent[0])
+                curve["step"].append(step); curve["seconds"].append(t0 - spent[0] - spent[1])
                 curve["calls"].append(counter.rows); curve["reward"].append(r); curve["drift"].append(d)
-                spent[0] += time.perf_counter() - t0
+                spent[1] += clock() - t0
 
             n = steps[name]
             if progress:
@@ -272,7 +284,7 @@ def plot(result: dict, axes=None):
         axes[1].scatter(d, f, color=f"C{i}", s=18, alpha=0.5)
         axes[1].errorbar(row["drift"], row["final"], xerr=row["drift_std"], yerr=row["final_std"], fmt="o",
                          color=f"C{i}", ms=7, capsize=3, label=row["label"])
-    axes[0].set(xlabel="training wall time (s)", ylabel="reward (evaluation chain)",
+    axes[0].set(xlabel="training time (s; CPU seconds on the CPU)", ylabel="reward (evaluation chain)",
                 title=f"{result['task_label']}: reward vs time")
     axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="final reward",
                 title="reward vs drift (dots: seeds)")
@@ -280,9 +292,9 @@ def plot(result: dict, axes=None):
     return axes
 
 
-def save(result: dict, path) -> None:
-    with open(path, "w") as f:
-        json.dump({k: v for k, v in result.items() if k != "models"}, f, indent=1)
+def save(result: dict, path) -> int:
+    Path(path).write_text(json.dumps({k: v for k, v in result.items() if k != "models"}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -290,7 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", required=True)
     p.add_argument("--methods", nargs="+", default=["ddpo", "full_bp", "draft_k", "alignprop", "draft_lv", "refl"])
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--seconds", type=float, help="wall-clock budget per method and seed")
+    g.add_argument("--seconds", type=float, help="time budget per method and seed (CPU seconds on the CPU)")
     g.add_argument("--calls", type=float, help="network-evaluation budget (rows through the denoiser)")
     g.add_argument("--steps-from", metavar="JSON", help="repeat the step counts of an earlier result")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -300,9 +312,7 @@ def main(argv=None) -> int:
     steps = json.load(open(a.steps_from))["steps"] if a.steps_from else None
     result = run(a.methods, a.task, seconds=a.seconds, calls=a.calls, steps=steps, seeds=a.seeds, evals=a.evals)
     print(format_table(result))
-    if a.json:
-        save(result, a.json)
-    return 0
+    return save(result, a.json) if a.json else 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ def check_tolerances(name: str, profile: str, metrics: dict) -> list[str]:
     return failures
 
 
+def commit_copy(executed: Path, dest: Path) -> None:
+    """Copy an executed notebook for committing, without papermill's `injected-parameters` cell (which would
+    re-set the knobs right after the `parameters` cell, so a reader editing `profile` would see no effect)."""
+    nb = json.loads(Path(executed).read_text())
+    nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    Path(dest).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
@@ -119,7 +127,7 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
             result["failures"] = check_tolerances(name, profile, result["metrics"])
             result["ok"] = not result["failures"]
     if inplace and result["error"] is None:
-        shutil.copy(out / f"{name}.ipynb", NOTEBOOKS / f"{name}.ipynb")
+        commit_copy(out / f"{name}.ipynb", NOTEBOOKS / f"{name}.ipynb")
         (NOTEBOOKS / "metrics").mkdir(exist_ok=True)
         shutil.copy(metrics_path, NOTEBOOKS / "metrics" / f"{name}.json")
     return result

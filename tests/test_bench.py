@@ -23,11 +23,15 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded_tensors():
 
 def test_bench_on_toy2d_has_every_registered_method_and_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", "toy2d", "--steps", "8", "--batch", "8", "--rounds", "2", "--json", str(out)]) == 0
+    # a method that needs a shipped artefact for its chain (ShortFT's shortcut, distilled for given jumps) is
+    # benched on the chains it was made for; every other registered method runs on this tiny chain
+    plain = [n for n in bench.bench_methods() if n == "nograd" or REGISTRY[n].extra is None]
+    assert bench.main(["--model", "toy2d", "--steps", "8", "--batch", "8", "--rounds", "2", "--json", str(out),
+                       "--methods", *plain]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == set(bench.bench_methods())
+    assert set(rows) == set(plain)
     assert set(bench.bench_methods()) == {"nograd"} | {n for n, m in REGISTRY.items() if not m.needs_data}
     for name, r in rows.items():
         assert KEYS <= set(r), name

@@ -34,6 +34,8 @@ def test_notebook_follows_the_convention(name):
     assert "environment()" in first and "manual_seed" in first, "cell 1 must seed and print versions"
     params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "exactly one cell tagged `parameters`"
+    injected = [c for c in code if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+    assert not injected, "commit notebooks without papermill's injected-parameters cell (repro --inplace drops it)"
     src = "".join(params[0]["source"])
     for knob in ("profile", "device", "seed", "metrics_out"):
         assert f"{knob} =" in src, f"the parameters cell must set {knob}"
