@@ -145,14 +145,14 @@ def _worker(spec: str) -> None:
     print(json.dumps({"peak_mb": _peak(kw.pop("method"), **kw)}))
 
 
-def _timed(fn, seed, device) -> float:
+def _timed(fn, seed, device, clock=time.perf_counter) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn(seed)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _peak(method: str, **kw) -> float:
@@ -171,13 +171,17 @@ def _peak(method: str, **kw) -> float:
 
 
 def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, rounds: int = 5,
-        device: str = "cpu", peak: bool = False) -> dict:
-    """Measure every method side by side in interleaved rounds; returns {"rows": [...], "config": {...}}."""
+        device: str = "cpu", peak: bool = False, clock: str = "wall") -> dict:
+    """Measure every method side by side in interleaved rounds; returns {"rows": [...], "config": {...}}.
+    clock: "wall" (perf_counter) or "cpu" (this process's CPU time: on a machine shared with other work, and with
+    one torch thread, the time an idle machine would take)."""
     known = bench_methods()
     methods = list(methods or known)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; choose from {known}")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     methods = [m for m in ("nograd", "full_bp") if m not in methods] + methods  # the ratios' references
@@ -193,7 +197,7 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
     for r in range(rounds):
         order = methods[r % len(methods):] + methods[:r % len(methods)]
         for m in order:
-            times[m].append(_timed(steps[m], 100 + r, device))
+            times[m].append(_timed(steps[m], 100 + r, device, time.process_time if clock == "cpu" else time.perf_counter))
     kw = dict(model_name=model, n_steps=n_steps, batch=batch, device=device)
     rows = []
     for m in methods:
@@ -208,13 +212,14 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
     fb = next(r for r in rows if r["method"] == "full_bp")["peak_mb"]
     for r in rows:
         r["peak_vs_full_bp"] = None if r["peak_mb"] is None or not fb else r["peak_mb"] / fb
-    return {"config": {**kw, "rounds": rounds, "torch": torch.__version__}, "rows": rows}
+    return {"config": {**kw, "rounds": rounds, "clock": clock, "torch": torch.__version__}, "rows": rows}
 
 
 def format_table(result: dict) -> str:
     c = result["config"]
     head = (f"one gradient step, model={c['model_name']} ({result['rows'][0]['weights']}), {c['n_steps']} steps, "
-            f"batch {c['batch']}, {c['device']}, {result['rows'][0]['threads']} thread(s), {c['rounds']} interleaved rounds")
+            f"batch {c['batch']}, {c['device']}, {result['rows'][0]['threads']} thread(s), {c['rounds']} interleaved rounds, "
+            f"{c['clock']} clock")
     cols = (f"{'method':<14}{'time s':>8}{'/nograd (min-max)':>20}{'/full BP (min-max)':>21}{'saved MB':>10}"
             f"{'/full BP':>9}{'peak MB':>9}")
     lines = [head, cols, "-" * len(cols)]
@@ -238,10 +243,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each runs every method once)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (robust to other work on the machine; use one thread)")
     p.add_argument("--peak", action="store_true", help="also measure peak memory, each method in its own process")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     args = p.parse_args(argv)
-    result = run(args.model, args.steps, args.methods, args.batch, args.rounds, args.device, peak=args.peak)
+    result = run(args.model, args.steps, args.methods, args.batch, args.rounds, args.device, peak=args.peak,
+                 clock=args.clock)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -80,3 +80,5 @@ def test_bench_rejects_an_unknown_method_and_bad_rounds():
         bench.run("toy2d", methods=["no_such_method"])
     with pytest.raises(ValueError, match="rounds must be"):
         bench.run("toy2d", methods=["draft_1"], rounds=0)
+    with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
+        bench.run("toy2d", methods=["draft_1"], clock="gpu")
