@@ -90,7 +90,8 @@ class _Counter:
 
 def _setup(task, name, model, schedule, reward, overrides, batch):
     chain = dict(n_steps=task.n_steps, batch=batch or task.batch, **task.chain)
-    return registry.build(name, schedule, reward, shape=task.shape, cond=task.train_cond(),
+    extra = registry.get(name).extra and registry.get(name).extra(task.model)  # e.g. ShortFT's shortcut
+    return registry.build(name, schedule, reward, shape=task.shape, cond=task.train_cond(), extra=extra,
                           **{**chain, **(overrides or {}).get(name, {})})
 
 

@@ -1,0 +1,164 @@
+"""ShortFT: backprop end to end through a short chain built from a frozen shortcut (Guo et al., ICCV 2025).
+
+Full backprop through an N-step chain is costly (N graph-carrying network calls) and truncating it (DRaFT-K)
+drops the early steps' contribution. ShortFT keeps an end-to-end path from the reward back to an early
+timestep but SHORTENS it: a frozen, trajectory-preserving few-step model (the "shortcut", the authors use
+Hyper-SD's 4-step LoRA for SD1.5; here `minialign.shortcut` distils one from the base model) jumps over
+whole segments of the base chain in one step, and only a few base steps in between are trainable.
+
+The training chain (a reconstruction: no code was released). With anchors t^(1) > ... > t^(m) (timesteps of
+the chain) and s^(i) the chain's timestep after t^(i) (or -1, the data):
+
+    x_{t^(1)}  = sg[ base chain from x_T to t^(1) ]                            (no graph, "truncation point")
+    x_{s^(i)}  = a x_{t^(i)} + b eps_theta(x_{t^(i)}, t^(i))                   (trainable base step, i = 1..m)
+    x_{t^(i+1)} = a' x_{s^(i)} + b' eps_phi(x_{s^(i)}, s^(i))                  (frozen shortcut jump, DDIM, eta = 0)
+    loss       = -(1/B) sum_b r(x_0^b, c^b),   x_0 = x_{s^(m)} (or one more jump to -1 when s^(m) > -1)
+
+Backprop runs through every piece: the jumps are differentiated with respect to their INPUT only (phi is frozen),
+so the gradient reaches theta at every anchor through the shortcut's Jacobians d x_{t^(i+1)} / d x_{s^(i)} —
+about 2m graph-carrying calls instead of N. The default anchors are the paper's layout on a 1000-step scale,
+761 / 741->501 / 501 / 481->261 / 261 / 241->1 / 1 (anchors 761, 501, 261, 1 on SD's 50-step chain, leading
+spacing, offset 1: `ShortFTConfig(n_steps=50, spacing="leading", offset=1)`). Anchors snap to the nearest
+timestep of the configured chain (on the arena's 20-step trailing chain: 749, 499, 249, 49), and the
+shortcut must have been distilled for exactly the jumps this produces (`shortcut.segments`).
+
+Inference is the ordinary chain of the tuned base model (`inference`; it takes no shortcut). What is trained
+(LoRA through peft, `minialign.train.add_lora`, or any subset of parameters) is whatever of `model` requires grad.
+
+Deviations from the paper, named:
+- the shortcut is distilled here (minialign.shortcut), not Hyper-SD; its jumps are one DDIM step of a
+  fine-tuned copy of the base network, valid only for the segments it was distilled on;
+- the jumps are deterministic (eta = 0) whatever cfg.eta says (the shortcut imitates the DDIM ODE);
+- timestep-aware LoRA (one LoRA per segment, stacked) and progressive training are NOT implemented.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..rewards.base import require_differentiable, reward_with_graph
+from ..sampling import StepPlan, plan_none, sample
+from .chain import ChainConfig, chain_timesteps, draw_start
+
+PAPER_ANCHORS = (761, 501, 261, 1)  # the paper's trainable base steps, on a 1000-step scale
+HOW_TO_MAKE = ("make one with `python -m minialign.shortcut NAME` (NAME = the base checkpoint, e.g. digits or gmm) "
+               "and load it with `minialign.shortcut.load(NAME)`")
+
+
+@dataclass
+class ShortFTConfig(ChainConfig):
+    anchors: tuple = PAPER_ANCHORS  # trainable base steps, on a 1000-step scale, snapped to the chain's timesteps
+    checkpoint: bool = False        # torch.utils.checkpoint on the trainable base steps' network calls
+
+    def __post_init__(self):
+        super().__post_init__()
+        a = tuple(self.anchors)
+        if not a or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 1000 for t in a) \
+                or any(u <= v for u, v in zip(a, a[1:])):
+            raise ValueError(f"anchors must be a non-empty, strictly decreasing tuple of ints in [0, 999] "
+                             f"(a 1000-step scale), got {self.anchors!r}")
+        self.anchors = a
+
+
+class Piece(NamedTuple):
+    kind: str        # "head" (no-graph base steps), "base" (one trainable base step) or "jump" (shortcut)
+    steps: tuple     # the chain timesteps this piece visits (one for base and jump)
+    land: int        # where it lands (a chain timestep, or -1 for the data)
+
+
+def layout(ts, anchors, T: int) -> list[Piece]:
+    """The training chain over the descending chain timesteps ts: head, then base step / jump alternating.
+
+    Each anchor a (1000-step scale) becomes the chain timestep nearest to round(a T / 1000); the base step
+    at anchor i lands on the chain's next timestep s_i; a jump carries s_i to anchor i+1 (or to -1 after
+    the last anchor) whenever they differ."""
+    ts = [int(t) for t in ts]
+    snapped = [min(ts, key=lambda u: (abs(u - round(a * T / 1000)), u)) for a in anchors]
+    if len(set(snapped)) != len(snapped):
+        raise ValueError(f"anchors {tuple(anchors)} snap to {snapped} on the chain {ts}: two anchors share a "
+                         "timestep; use fewer anchors or a longer chain (n_steps)")
+    nxt = dict(zip(ts, ts[1:] + [-1]))
+    pieces = []
+    head = tuple(t for t in ts if t > snapped[0])
+    if head:
+        pieces.append(Piece("head", head, snapped[0]))
+    for i, a in enumerate(snapped):
+        pieces.append(Piece("base", (a,), nxt[a]))
+        target = snapped[i + 1] if i + 1 < len(snapped) else -1
+        if nxt[a] != target:
+            pieces.append(Piece("jump", (nxt[a],), target))
+    return pieces
+
+
+def jumps(pieces) -> list[tuple[int, int]]:
+    """The (t_a, t_b) shortcut jumps of a layout: the segments the shortcut must have been distilled on."""
+    return [(p.steps[0], p.land) for p in pieces if p.kind == "jump"]
+
+
+def check_shortcut(shortcut, pieces) -> None:
+    """Refuse a missing shortcut, one with trainable parameters, or one not distilled for these jumps."""
+    if shortcut is None:
+        raise ValueError(f"shortcut: ShortFT needs a frozen shortcut model (got None); {HOW_TO_MAKE}")
+    if not callable(shortcut):
+        raise ValueError(f"shortcut must be a denoiser eps = shortcut(x_t, t, cond), got {type(shortcut)}")
+    params = list(shortcut.parameters()) if isinstance(shortcut, torch.nn.Module) else []
+    if any(p.requires_grad for p in params):
+        raise ValueError("shortcut has parameters that require grad; ShortFT's shortcut is frozen (differentiated "
+                         "with respect to its input only): call shortcut.requires_grad_(False)")
+    segments = getattr(shortcut, "segments", None)
+    if segments is None:
+        raise ValueError("shortcut has no `segments` ({t_a: t_b} jumps it was distilled on); " + HOW_TO_MAKE)
+    missing = [(a, b) for a, b in jumps(pieces) if segments.get(a) != b]
+    if missing:
+        raise ValueError(f"shortcut was distilled for the jumps {sorted(segments.items(), reverse=True)}, but this "
+                         f"chain and anchors need {missing}; distil one for this chain (minialign.shortcut) or "
+                         "change anchors / n_steps / spacing / offset")
+
+
+def short_chain(model, shortcut, schedule, pieces, x_T, eta: float = 0.0, cond=None, generator=None,
+                graph: bool = True, checkpoint: bool = False):
+    """x_0 of the training chain (`layout`), each piece one `sample` call chained through x.
+    graph=False evaluates everything without graph (to measure the chain's reward)."""
+    x = x_T
+    for p in pieces:
+        if p.kind == "head":
+            x, _ = sample(model, schedule, x, p.steps, eta, plan_none(len(p.steps)), cond=cond, generator=generator,
+                          final_timestep=p.land)
+        elif p.kind == "base":
+            x, _ = sample(model, schedule, x, p.steps, eta, [StepPlan(grad=graph, checkpoint=checkpoint)], cond=cond,
+                          generator=generator, final_timestep=p.land)
+        else:  # frozen shortcut: a graph to its input only (its parameters do not require grad)
+            x, _ = sample(shortcut, schedule, x, p.steps, 0.0, [StepPlan(grad=graph, input_grad=True)], cond=cond,
+                          final_timestep=p.land)
+    return x
+
+
+def make_loss(schedule, reward, cfg: ShortFTConfig, *, shape, cond=None, shortcut=None):
+    """loss_fn(model, step, generator) -> (-mean reward on the short chain's x_0, stats).
+
+    shortcut: the frozen few-step model (required; `minialign.shortcut.load(NAME)`), a denoiser with a
+    `segments` dict {t_a: t_b} covering this layout's jumps. stats: reward (on the short training chain),
+    graph_calls (network calls that keep a graph: trainable base steps + jumps).
+    """
+    require_differentiable(reward, "ShortFT")
+    ts = chain_timesteps(schedule, cfg)
+    pieces = layout(ts, cfg.anchors, schedule.T)
+    check_shortcut(shortcut, pieces)
+    calls = float(sum(p.kind in ("base", "jump") for p in pieces))
+
+    def loss_fn(model, step: int, generator: torch.Generator):
+        x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
+        x0 = short_chain(model, shortcut, schedule, pieces, x_T, cfg.eta, c, generator, checkpoint=cfg.checkpoint)
+        r = reward_with_graph(reward, x0, c, "ShortFT")
+        return -r.mean(), {"reward": r.mean().item(), "graph_calls": calls}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def inference(model, schedule, cfg: ShortFTConfig, x_T, cond=None, generator=None):
+    """What a ShortFT-tuned model samples with: the ordinary full chain of the base model (no shortcut)."""
+    ts = chain_timesteps(schedule, cfg)
+    return sample(model, schedule, x_T, ts, cfg.eta, plan_none(len(ts)), cond=cond, generator=generator)[0]
