@@ -16,6 +16,8 @@ fresh chain.
                  (torch.autograd.graph.saved_tensors_hooks), each saved view counted once and the model's own
                  parameters left out: the activations a backward pass has to keep. A checkpointed step saves
                  only its inputs (the rest is recomputed in backward).
+    peak_saved   the peak of those bytes alive at once (a saved tensor counts until its graph is released):
+                 differs from saved_bytes for a method that backpropagates pieces inside its loss (RLR's ZO).
     peak_mb      (--peak, or run(peak=True)) each method alone in a fresh subprocess: its peak RSS
                  (resource.getrusage's ru_maxrss, which only ever grows) minus its RSS before the first step,
                  so one method's peak cannot hide another's. On CUDA: torch.cuda.max_memory_allocated.
@@ -32,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from typing import Callable
 
 import torch
@@ -73,6 +76,43 @@ def setup(model_name: str, device: str = "cpu"):
     if model_name == "toy2d":
         return model, schedule, component_log_density(0, std=0.25), (2,), None, note
     return model, schedule, classifier_reward(0), (1, 8, 8), None, note
+
+
+class _Saved:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+def peak_saved_bytes(fn, exclude=()) -> int:
+    """The peak, while fn() runs, of the bytes of tensors autograd holds for backward (each storage counted once,
+    `exclude`d storages such as the parameters left out); a saved tensor counts until its graph is released."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    live, now, peak = {}, [0], [0]
+
+    def release(ptr):
+        live[ptr][0] -= 1
+        if live[ptr][0] == 0:
+            now[0] -= live.pop(ptr)[1]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in skip:
+            return t
+        if ptr not in live:
+            live[ptr] = [0, t.untyped_storage().nbytes()]
+            now[0] += live[ptr][1]
+            peak[0] = max(peak[0], now[0])
+        live[ptr][0] += 1
+        holder = _Saved(t)
+        weakref.finalize(holder, release, ptr)
+        return holder
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t if isinstance(h, _Saved) else h):
+        out = fn()
+    del out
+    return peak[0]
 
 
 def make_step(method: str, model, schedule, reward, shape, cond, n_steps: int, batch: int, model_name: str,
@@ -187,10 +227,11 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
     methods = [m for m in ("nograd", "full_bp") if m not in methods] + methods  # the ratios' references
     net, schedule, reward, shape, cond, note = setup(model, device)
     params = list(net.parameters())
-    steps, saved, desc = {}, {}, {}
+    steps, saved, live, desc = {}, {}, {}, {}
     for m in methods:
         desc[m], steps[m], forward = make_step(m, net, schedule, reward, shape, cond, n_steps, batch, model, device)
         saved[m] = saved_bytes(lambda: forward(0), exclude=params) if forward is not None else 0
+        live[m] = peak_saved_bytes(lambda: forward(0), exclude=params) if forward is not None else 0
         for w in range(2):  # warm-up (allocator, kernel caches)
             steps[m](w)
     times = {m: [] for m in methods}
@@ -207,6 +248,7 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
                      "time_vs_nograd": statistics.median(vs_nograd), "time_vs_nograd_range": [min(vs_nograd), max(vs_nograd)],
                      "time_vs_full_bp": statistics.median(vs_full), "time_vs_full_bp_range": [min(vs_full), max(vs_full)],
                      "saved_bytes": saved[m], "saved_vs_full_bp": saved[m] / max(saved["full_bp"], 1),
+                     "peak_saved_bytes": live[m], "peak_saved_vs_full_bp": live[m] / max(live["full_bp"], 1),
                      "peak_mb": _measure_isolated(m, **kw) if peak else None, "n_steps": n_steps, "batch": batch,
                      "weights": note, "threads": torch.get_num_threads()})
     fb = next(r for r in rows if r["method"] == "full_bp")["peak_mb"]
@@ -221,14 +263,14 @@ def format_table(result: dict) -> str:
             f"batch {c['batch']}, {c['device']}, {result['rows'][0]['threads']} thread(s), {c['rounds']} interleaved rounds, "
             f"{c['clock']} clock")
     cols = (f"{'method':<14}{'time s':>8}{'/nograd (min-max)':>20}{'/full BP (min-max)':>21}{'saved MB':>10}"
-            f"{'/full BP':>9}{'peak MB':>9}")
+            f"{'/full BP':>9}{'live MB':>9}{'/full BP':>9}{'peak MB':>9}")
     lines = [head, cols, "-" * len(cols)]
     for r in result["rows"]:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         a, b = r["time_vs_nograd_range"], r["time_vs_full_bp_range"]
         lines.append(f"{r['method']:<14}{r['seconds']:>8.3f}{r['time_vs_nograd']:>8.2f} ({a[0]:.2f}-{a[1]:.2f})"
                      f"{r['time_vs_full_bp']:>9.2f} ({b[0]:.2f}-{b[1]:.2f}){r['saved_bytes'] / 2**20:>10.2f}"
-                     f"{r['saved_vs_full_bp']:>9.3f}{peak:>9}")
+                     f"{r['saved_vs_full_bp']:>9.3f}{r['peak_saved_bytes'] / 2**20:>9.2f}{r['peak_saved_vs_full_bp']:>9.3f}{peak:>9}")
     return "\n".join(lines)
 
 

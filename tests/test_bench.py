@@ -6,7 +6,7 @@ import torch
 from minialign import bench
 from minialign.methods import REGISTRY, build
 
-KEYS = {"method", "description", "seconds", "times", "saved_bytes", "peak_mb", "time_vs_full_bp", "time_vs_nograd",
+KEYS = {"method", "description", "seconds", "times", "saved_bytes", "peak_saved_bytes", "peak_mb", "time_vs_full_bp", "time_vs_nograd",
         "time_vs_nograd_range", "time_vs_full_bp_range", "saved_vs_full_bp", "n_steps", "batch"}
 
 
@@ -19,6 +19,19 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded_tensors():
     assert bench.saved_bytes(lambda: (a * b).sum(), exclude=[b]) == 40
     with torch.no_grad():
         assert bench.saved_bytes(lambda: (a * b).sum()) == 0
+
+
+def test_peak_saved_bytes_counts_what_is_alive_at_once():
+    a = torch.randn(1000, requires_grad=True)
+
+    def two_graphs_one_at_a_time():
+        for _ in range(2):
+            (a.exp() * 2).sum().backward()  # each graph (4000 saved bytes) is released before the next
+        return (a.exp() * 2).sum()
+
+    assert bench.peak_saved_bytes(two_graphs_one_at_a_time) == 4000
+    assert bench.saved_bytes(lambda: (a.exp().sum() + (a * 3).exp().sum())) == 8000
+    assert bench.peak_saved_bytes(lambda: (a.exp().sum() + (a * 3).exp().sum())) == 8000
 
 
 def test_bench_on_toy2d_has_every_registered_method_and_key(tmp_path, capsys):
