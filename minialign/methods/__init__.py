@@ -13,6 +13,9 @@ notebooks read it and never re-list methods. Adding a method is one file plus on
     truncated_bp  DRaFT-K, DRaFT-LV (Clark et al. 2023), AlignProp (Prabhudesai et al. 2023)
     refl          one graph step at a random late timestep, reward on x0_hat (Xu et al. 2023)
     sft_pg        shortcut fine-tuning with policy gradient against a learned critic (Fan & Lee 2023)
+    rlr           recursive likelihood ratio: first-, half- and zeroth-order pieces in one unbiased estimator (Ren et al. 2025)
+    sdo           one retained network call plus the linear skip path (Dou et al. 2025)
+    shortft       end-to-end backprop through a short chain with a frozen distilled shortcut (Guo et al. 2025)
 """
 from __future__ import annotations
 
@@ -20,8 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from . import chain  # noqa: F401  (first: the method files import it)
-from . import ddpo, full_bp, refl, sft_pg, truncated_bp
-from . import sdo
+from . import ddpo, full_bp, refl, rlr, sdo, sft_pg, shortft, truncated_bp
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("draft_lv", "DRaFT-LV", _TB, truncated_bp.make_loss, "K = 1, the final sample re-noised n = 2 times",
            defaults=dict(variant="draft_lv", lv_samples=2)),
     Method("refl", "ReFL", refl.ReFLConfig, refl.make_loss, "one graph step at a random late t, reward on x0_hat (Xu et al. 2023)"),
+    Method("shortft", "ShortFT", shortft.ShortFTConfig, shortft.make_loss,
+           "trainable base steps alternating with frozen shortcut jumps, end-to-end backprop (Guo et al. 2025)",
+           extra=lambda model: __import__("minialign.shortcut", fromlist=["shipped"]).shipped(model)),
     Method("sdo", "SDO", sdo.SDOConfig, sdo.make_loss, "one retained graph step (random k), the linear skip path elsewhere (Dou et al. 2025)"),
+    Method("rlr", "RLR", rlr.RLRConfig, rlr.make_loss, "FO last step + HO sub-chain (h = 2) + inherent-noise ZO elsewhere (Ren et al. 2025)"),
+    Method("rlr_released", "RLR (released code)", rlr.RLRConfig, rlr.make_loss, "FO + 2 single-step PG terms, no HO/ZO", defaults=dict(variant="released")),
     Method("sft_pg", "SFT-PG", sft_pg.SFTPGConfig, sft_pg.make_loss,
            "policy gradient against a learned critic of the data (Fan & Lee 2023)", grad_reward=False, needs_data=True),
 ]}
