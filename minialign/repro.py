@@ -7,7 +7,13 @@
 Each notebook has a cell tagged `parameters` with `profile`, `device`, `seed` and `metrics_out`; its last
 cell calls `save_metrics`. Results land in OUT/<name>.ipynb and OUT/metrics/<name>.json; the tolerances
 in data/expected/<name>.json (per profile, {"key": {"min": a, "max": b}}) are checked, and
-OUT/report.json sums it up. The exit status is non-zero if any notebook fails or misses a tolerance.
+OUT/report.json sums it up, with OUT/report.md and OUT/report.html for people (see minialign.report: versions,
+hardware, wall times, every metric against its tolerance, the figures under OUT/figures/). While a notebook
+runs, a line every HEARTBEAT seconds gives its elapsed time and, when OUT/report.json holds a previous run of it
+in the same profile, that run's time as the estimate. The exit status is non-zero if any notebook fails or
+misses a tolerance, and the console and the report name the metric.
+
+Kernels talk to papermill over IPC sockets on POSIX (ipykernel warns about unencrypted TCP otherwise).
 """
 from __future__ import annotations
 
@@ -18,13 +24,16 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ROOT / "data" / "expected"
 PROFILES = ("smoke", "cpu", "gpu")
+HEARTBEAT = 60.0  # seconds between the "still running" lines of main()
 
 
 def environment() -> str:
@@ -62,13 +71,16 @@ def save_metrics(metrics: dict, path: str | os.PathLike) -> dict:
     return out
 
 
+def tolerances(name: str, profile: str) -> dict:
+    """data/expected/<name>.json[profile]: {metric: {"min": a, "max": b}} ({} when there is none)."""
+    path = EXPECTED / f"{name}.json"
+    return json.loads(path.read_text()).get(profile, {}) if path.exists() else {}
+
+
 def check_tolerances(name: str, profile: str, metrics: dict) -> list[str]:
     """Failures (as sentences) of metrics against data/expected/<name>.json[profile]."""
-    path = EXPECTED / f"{name}.json"
-    if not path.exists():
-        return []
     failures = []
-    for key, bound in json.loads(path.read_text()).get(profile, {}).items():
+    for key, bound in tolerances(name, profile).items():
         if key not in metrics:
             failures.append(f"{key}: missing from the metrics")
             continue
@@ -92,9 +104,18 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
+def _kernel_options() -> dict:
+    """nbclient options: IPC transport on POSIX, so the kernel has no unencrypted TCP port (and no warning)."""
+    if os.name != "posix":
+        return {}
+    from traitlets.config import Config
+
+    return {"config": Config({"KernelManager": {"transport": "ipc"}})}
+
+
 def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False,
                  parameters: dict | None = None) -> dict:
-    """Execute one notebook; returns {name, seconds, ok, error, failures, metrics}.
+    """Execute one notebook; returns {name, profile, seconds, ok, error, failures, metrics, tolerances}.
     parameters: further papermill parameters (e.g. {"lr": 1e-12} to check that a notebook that learns nothing fails)."""
     import papermill as pm
 
@@ -102,14 +123,15 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     metrics_path = (out / "metrics" / f"{name}.json").resolve()
     metrics_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    result = {"name": name, "profile": profile, "ok": False, "error": None, "failures": [], "metrics": {}}
+    result = {"name": name, "profile": profile, "ok": False, "error": None, "failures": [], "metrics": {},
+              "tolerances": tolerances(name, profile)}
     backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # the kernel inherits it; Agg hides figures
     try:
         pm.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
             parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
-            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False,
+            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(),
         )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
@@ -154,19 +176,66 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     out = Path(args.out)
+    previous = previous_seconds(out, args.profile)
+    known = [previous[n] for n in names if n in previous]
+    print(f"[repro] {len(names)} notebook(s), profile {args.profile}, out {out}"
+          + (f"; previous runs took {sum(known):.0f} s for {len(known)} of them" if known else ""), flush=True)
+    started = datetime.now(timezone.utc)
     results = []
-    for name in names:
-        print(f"[repro] {name} ({args.profile}) ...", flush=True)
-        r = run_notebook(name, args.profile, out, args.device, args.inplace)
+    for i, name in enumerate(names, 1):
+        estimate = previous.get(name)
+        print(f"[repro] ({i}/{len(names)}) {name} ({args.profile}) started at {time.strftime('%H:%M:%S')}"
+              + (f", last run took {estimate:.0f} s" if estimate else ""), flush=True)
+        with _heartbeat(name, estimate):
+            r = run_notebook(name, args.profile, out, args.device, args.inplace)
         status = "ok" if r["ok"] else ("ERROR" if r["error"] else "OUT OF TOLERANCE")
         print(f"[repro] {name}: {status} in {r['seconds']} s", flush=True)
         for line in ([r["error"]] if r["error"] else []) + r["failures"]:
             print(f"    {line}", flush=True)
         results.append(r)
+    from . import report
+
+    meta = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "profile": args.profile, "device": args.device,
+            "command": "python -m minialign.repro " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "environment": environment()}
+    md, page = report.write(results, out, meta)
     (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
     bad = [r["name"] for r in results if not r["ok"]]
-    print(f"[repro] {len(results) - len(bad)} passed, {len(bad)} failed" + (f": {bad}" if bad else ""))
+    print(f"[repro] {len(results) - len(bad)} passed, {len(bad)} failed" + (f": {bad}" if bad else "")
+          + f"; report: {md} and {page}", flush=True)
     return 1 if bad else 0
+
+
+def previous_seconds(out: Path, profile: str) -> dict:
+    """{name: seconds} of the notebooks in OUT/report.json that ran in this profile (the estimates)."""
+    try:
+        old = json.loads((Path(out) / "report.json").read_text())
+        return {r["name"]: float(r["seconds"]) for r in old if r.get("profile") == profile}
+    except (OSError, ValueError, KeyError, TypeError):  # no previous run, or a report we cannot read
+        return {}
+
+
+class _heartbeat:
+    """Context manager: prints "<name>: 60 s elapsed (last run took 655 s)" every HEARTBEAT seconds."""
+
+    def __init__(self, name: str, estimate: float | None):
+        self.name, self.estimate, self.stop = name, estimate, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self):
+        t0 = time.perf_counter()
+        while not self.stop.wait(HEARTBEAT):
+            elapsed = time.perf_counter() - t0
+            left = f", about {max(self.estimate - elapsed, 0):.0f} s left" if self.estimate else ""
+            print(f"[repro]   {self.name}: {elapsed:.0f} s elapsed{left}", flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 if __name__ == "__main__":
