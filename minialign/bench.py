@@ -19,8 +19,9 @@ fresh chain.
     peak_saved   the peak of those bytes alive at once (a saved tensor counts until its graph is released):
                  differs from saved_bytes for a method that backpropagates pieces inside its loss (RLR's ZO).
     peak_mb      (--peak, or run(peak=True)) each method alone in a fresh subprocess: its peak RSS
-                 (resource.getrusage's ru_maxrss, which only ever grows) minus its RSS before the first step,
-                 so one method's peak cannot hide another's. On CUDA: torch.cuda.max_memory_allocated.
+                 (VmHWM, reset before the first step: a child inherits its parent's ru_maxrss) minus its RSS
+                 before the first step, so one method's peak cannot hide another's. On CUDA:
+                 torch.cuda.max_memory_allocated.
 
 Nothing is asserted about the times (see README's table); they are measured side by side in one run.
 """
@@ -28,18 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-import weakref
 from typing import Callable
 
 import torch
 
 from . import methods as registry
+from .memory import peak_rss_mb, peak_saved_bytes, reset_peak_rss, rss_mb, saved_bytes  # noqa: F401  (re-exported)
 from .sampling import plan_none, sample
 from .schedule import timesteps
 
@@ -78,43 +77,6 @@ def setup(model_name: str, device: str = "cpu"):
     return model, schedule, classifier_reward(0), (1, 8, 8), None, note
 
 
-class _Saved:
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t):
-        self.t = t
-
-
-def peak_saved_bytes(fn, exclude=()) -> int:
-    """The peak, while fn() runs, of the bytes of tensors autograd holds for backward (each storage counted once,
-    `exclude`d storages such as the parameters left out); a saved tensor counts until its graph is released."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    live, now, peak = {}, [0], [0]
-
-    def release(ptr):
-        live[ptr][0] -= 1
-        if live[ptr][0] == 0:
-            now[0] -= live.pop(ptr)[1]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in skip:
-            return t
-        if ptr not in live:
-            live[ptr] = [0, t.untyped_storage().nbytes()]
-            now[0] += live[ptr][1]
-            peak[0] = max(peak[0], now[0])
-        live[ptr][0] += 1
-        holder = _Saved(t)
-        weakref.finalize(holder, release, ptr)
-        return holder
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t if isinstance(h, _Saved) else h):
-        out = fn()
-    del out
-    return peak[0]
-
-
 def make_step(method: str, model, schedule, reward, shape, cond, n_steps: int, batch: int, model_name: str,
               device: str = "cpu") -> tuple[str, Callable[[int], torch.Tensor], Callable]:
     """(description, step(seed) -> loss after backward, forward(seed) -> loss with graph) for one method."""
@@ -147,28 +109,7 @@ def make_step(method: str, model, schedule, reward, shape, cond, n_steps: int, b
     return f"{m.label}: {m.description}", step, forward
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-
-def saved_bytes(fn: Callable[[], torch.Tensor], exclude=()) -> int:
-    """Bytes autograd saves for backward while running fn (each storage view once; `exclude`d tensors'
-    storages, e.g. the parameters, left out)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if key[0] not in skip and key not in seen:
-            seen.add(key)
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return total[0]
 
 
 def _measure_isolated(method: str, **kw) -> float:
@@ -202,12 +143,13 @@ def _peak(method: str, **kw) -> float:
                            kw["device"])
     if kw["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    before = _rss_mb()
+    reset_peak_rss()
+    before = rss_mb()
     for seed in range(2):
         step(seed)
     if kw["device"].startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before  # kB on Linux
+    return peak_rss_mb() - before
 
 
 def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, rounds: int = 5,
