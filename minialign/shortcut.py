@@ -25,7 +25,6 @@ adversarial and human-feedback terms; this is a plain regression, trained on on-
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -234,13 +233,8 @@ def shipped(model: str) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=[*RECIPES, "all"])
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's number of student updates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(store.DATA_DIR), help="folder to write into (default: data/)")
-    args = p.parse_args(argv)
-    for name in RECIPES if args.name == "all" else [args.name]:
+    args, names = store.recipe_args(__doc__, RECIPES, argv, "override the recipe's number of student updates")
+    for name in names:
         t0 = time.time()
         shortcut, meta = distil(name, args.steps, args.seed)
         cmd = f"python -m minialign.shortcut {name}" + (f" --steps {args.steps}" if args.steps else "")

@@ -115,3 +115,14 @@ def test_wasserstein_1d_is_exact_for_unequal_sizes(n, m):
     xr, yr = x.repeat_interleave(m, 0), y.repeat_interleave(n, 0)
     for p in (1, 2):
         torch.testing.assert_close(metrics.wasserstein_1d(x, y, p), ((xr - yr).abs() ** p).mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_pretrain_command_line_writes_a_checkpoint_with_its_command(tmp_path):
+    from minialign.toy import pretrain
+
+    pretrain.main(["classifier", "--steps", "2", "--seed", "1", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "classifier.json").read_text())
+    assert meta["command"] == "python -m minialign.toy.pretrain classifier --steps 2 --seed 1"
+    assert (tmp_path / "classifier.safetensors").exists()
+    with pytest.raises(SystemExit):
+        pretrain.main(["no_such_recipe"])

@@ -11,7 +11,6 @@ Denoisers minimise the usual epsilon-prediction loss E ||eps - eps_theta(q_sampl
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -110,14 +109,9 @@ def train_classifier(steps: int | None = None, seed: int = 0, progress: bool = T
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=[*RECIPES, "all"])
-    p.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(store.DATA_DIR), help="folder to write into (default: data/)")
-    args = p.parse_args(argv)
+    args, names = store.recipe_args(__doc__, RECIPES, argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for name in RECIPES if args.name == "all" else [args.name]:
+    for name in names:
         t0 = time.time()
         if name == "classifier":
             model, meta = train_classifier(args.steps, args.seed)

@@ -14,6 +14,20 @@ from .models import MODELS
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 
+def recipe_args(doc: str, recipes, argv=None, steps_help: str = "override the recipe's number of steps"):
+    """The command line every "train and ship a checkpoint" script shares: NAME (a recipe or all), --steps,
+    --seed, --out. Returns (parsed args, the recipe names to run)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=[*recipes, "all"])
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DATA_DIR), help="folder to write into (default: data/)")
+    args = p.parse_args(argv)
+    return args, list(recipes) if args.name == "all" else [args.name]
+
+
 def save(model: torch.nn.Module, name: str, meta: dict, data_dir: Path = DATA_DIR) -> Path:
     kind = next(k for k, cls in MODELS.items() if type(model) is cls)
     data_dir.mkdir(parents=True, exist_ok=True)
