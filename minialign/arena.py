@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import methods as registry
+from .bench import interleaved_times
 from .metrics import sliced_wasserstein
 from .sampling import sample
 from .schedule import timesteps
@@ -42,7 +43,8 @@ from .train import TrainConfig, train
 def _check(method_names, task, seconds, calls, steps, seeds):
     budgets = [b for b in (seconds, calls, steps) if b is not None]
     if len(budgets) != 1:
-        raise ValueError("give exactly one budget: seconds (wall time), calls (network evaluations) or steps (per method)")
+        raise ValueError("give exactly one budget: seconds (CPU time on the CPU, wall time on CUDA), calls (network "
+                         "evaluations) or steps (per method)")
     if seconds is not None and not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if calls is not None and not calls > 0:
@@ -110,32 +112,24 @@ def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: in
         opt = loss_fn.optimizer(model) if hasattr(loss_fn, "optimizer") else torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr or task.lr, weight_decay=0.0)
         live[name] = dict(model=model, fn=counter.wrap(loss_fn), opt=opt, counter=counter,
-                          g=torch.Generator().manual_seed(12345), step=0, times=[])
-
-    clock = _clock(device)
+                          g=torch.Generator().manual_seed(12345), step=0)
 
     def one_step(v):
-        t0 = clock()
         loss, _ = v["fn"](v["model"], v["step"], v["g"])
         v["opt"].zero_grad(set_to_none=True)
         loss.backward()
         v["opt"].step()
         v["step"] += 1
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        return clock() - t0
 
     for v in live.values():  # warm-up, not counted
         one_step(v)
         v["counter"].rows = 0
-    names = list(live)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            live[name]["times"].append(one_step(live[name]))
+    times = interleaved_times({n: (lambda seed, v=v: one_step(v)) for n, v in live.items()}, rounds, str(device),
+                              _clock(device))
     out = {}
     for name, v in live.items():
         v["counter"].handle.remove()
-        out[name] = (statistics.median(v["times"]), v["counter"].rows / rounds)
+        out[name] = (statistics.median(times[name]), v["counter"].rows / rounds)
     return out
 
 

@@ -136,6 +136,17 @@ def _timed(fn, seed, device, clock=time.perf_counter) -> float:
     return clock() - t0
 
 
+def interleaved_times(steps: dict, rounds: int, device: str = "cpu", clock=time.perf_counter) -> dict:
+    """{name: [seconds of steps[name](seed) in each round]}: every round runs every step once, the order rotated
+    from round to round, so a passing slowdown of the machine hits every method alike (bench and arena use it)."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(_timed(steps[n], 100 + r, device, clock))
+    return times
+
+
 def _peak(method: str, **kw) -> float:
     """Peak memory (MB) of one method's steps, alone in this process (the worker's job)."""
     model, schedule, reward, shape, cond, _ = setup(kw["model_name"], kw["device"])
@@ -176,11 +187,7 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
         live[m] = peak_saved_bytes(lambda: forward(0), exclude=params) if forward is not None else 0
         for w in range(2):  # warm-up (allocator, kernel caches)
             steps[m](w)
-    times = {m: [] for m in methods}
-    for r in range(rounds):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        for m in order:
-            times[m].append(_timed(steps[m], 100 + r, device, time.process_time if clock == "cpu" else time.perf_counter))
+    times = interleaved_times(steps, rounds, device, time.process_time if clock == "cpu" else time.perf_counter)
     kw = dict(model_name=model, n_steps=n_steps, batch=batch, device=device)
     rows = []
     for m in methods:
