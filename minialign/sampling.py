@@ -187,13 +187,14 @@ def sample(
     x = x_T
     traj = Trajectory(states=[x_T.detach()], timesteps=ts, noises=[], sigmas=[], log_probs=[] if log_probs else None,
                       final_timestep=final_timestep)
+    prev = prev_timesteps(ts, final_timestep)  # once: the loop below is every method's hot path
     steps = range(len(ts))
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
     for i in steps:
-        t, s = ts[i], traj.prev_timestep(i)
+        t, s = ts[i], prev[i]
         c = step_coefficients(schedule, t, s, eta)
         p = plan[i]
         if not p.path:
