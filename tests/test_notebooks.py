@@ -62,7 +62,7 @@ def test_tolerance_check(tmp_path, monkeypatch):
 def test_environment_yml_installs_this_package():
     env = yaml.safe_load((repro.ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert "-e .[dev]" in pip and any(p.startswith("torch==") for p in pip)
+    assert "-e .[dev,course]" in pip and any(p.startswith("torch==") for p in pip)
 
 
 @pytest.mark.notebook
