@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import methods as registry
+from . import replay
 from .bench import interleaved_times
 from .metrics import sliced_wasserstein
 from .sampling import sample
@@ -153,10 +154,13 @@ def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,),
     base, schedule = task.load(device)
     if lr is not None and not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if steps is None:
+        steps = replay.replayed(task.name, method_names)
     probed = {} if steps is not None else probe(method_names, task, overrides=overrides, batch=batch, lr=lr, device=device)
     if steps is None:
         steps = {n: max(1, int(seconds / probed[n][0]) if seconds is not None else int(calls / probed[n][1]))
                  for n in method_names}
+    replay.record(task.name, steps)
     x_eval = torch.randn((task.eval_batch, *task.shape), generator=torch.Generator().manual_seed(10**6),
                          dtype=next(base.parameters()).dtype).to(device)
     c_eval = task.eval_cond(task.eval_batch, device)

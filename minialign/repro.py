@@ -13,6 +13,13 @@ runs, a line every HEARTBEAT seconds gives its elapsed time and, when OUT/report
 in the same profile, that run's time as the estimate. The exit status is non-zero if any notebook fails or
 misses a tolerance, and the console and the report name the metric.
 
+Two runs of the same profile and seed give identical metrics except measured durations: the arena's time budgets
+become step counts by timing, so `--replay-steps RUN` repeats the step counts the run in folder RUN logged, and
+`--compare RUN_A RUN_B` lists every metric that differs (timing metrics aside; exit 1 if any):
+
+    python -m minialign.repro --profile cpu --out runs/a && python -m minialign.repro --profile cpu --out runs/b --replay-steps runs/a
+    python -m minialign.repro --compare runs/a runs/b
+
 Kernels talk to papermill over IPC sockets on POSIX (ipykernel warns about unencrypted TCP otherwise).
 """
 from __future__ import annotations
@@ -28,6 +35,8 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from . import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -113,10 +122,19 @@ def _kernel_options() -> dict:
     return {"config": Config({"KernelManager": {"transport": "ipc"}})}
 
 
+def _set_env(values: dict) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False,
-                 parameters: dict | None = None) -> dict:
+                 parameters: dict | None = None, replay_from=None) -> dict:
     """Execute one notebook; returns {name, profile, seconds, ok, error, failures, metrics, tolerances}.
-    parameters: further papermill parameters (e.g. {"lr": 1e-12} to check that a notebook that learns nothing fails)."""
+    parameters: further papermill parameters (e.g. {"lr": 1e-12} to check that a notebook that learns nothing fails).
+    replay_from: an earlier run's folder whose arena step counts (OUT/steps/<name>.jsonl) this run repeats."""
     import papermill as pm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -125,9 +143,15 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     t0 = time.perf_counter()
     result = {"name": name, "profile": profile, "ok": False, "error": None, "failures": [], "metrics": {},
               "tolerances": tolerances(name, profile)}
-    backend = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # the kernel inherits it; Agg hides figures
+    log = (out / "steps" / f"{name}.jsonl").resolve()  # the arena's step counts (minialign.replay)
+    log.parent.mkdir(exist_ok=True)
+    log.unlink(missing_ok=True)
+    env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline",  # the kernel inherits it; Agg hides figures
+           replay.STEPS_LOG: str(log), replay.STEPS_REPLAY: str((Path(replay_from) / "steps" / f"{name}.jsonl").resolve())
+           if replay_from else None}
+    saved = {k: os.environ.get(k) for k in env}
     try:
+        _set_env(env)
         pm.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
             parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
@@ -136,10 +160,7 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
     finally:
-        if backend is None:
-            os.environ.pop("MPLBACKEND", None)
-        else:
-            os.environ["MPLBACKEND"] = backend
+        _set_env(saved)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if result["error"] is None:
         if not metrics_path.exists():
@@ -155,6 +176,32 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     return result
 
 
+TIMING = ("seconds", "time")  # metric names holding a measured duration or a ratio of durations
+
+
+def compare(run_a, run_b) -> tuple[list[str], int, int]:
+    """(differences as sentences, metrics compared, timing metrics skipped) between two runs' OUT/metrics/*.json.
+    Timing metrics (a name containing one of TIMING) are measurements of the clock and are skipped."""
+    diffs, same, timed = [], 0, 0
+    a_dir, b_dir = Path(run_a) / "metrics", Path(run_b) / "metrics"
+    names = sorted({p.name for p in a_dir.glob("*.json")} | {p.name for p in b_dir.glob("*.json")})
+    if not names:
+        raise ValueError(f"no metrics under {a_dir} or {b_dir}: pass two --out folders of repro runs")
+    for fname in names:
+        if not (a_dir / fname).exists() or not (b_dir / fname).exists():
+            diffs.append(f"{fname}: only in {'the second' if (b_dir / fname).exists() else 'the first'} run")
+            continue
+        a, b = json.loads((a_dir / fname).read_text()), json.loads((b_dir / fname).read_text())
+        for key in sorted(set(a) | set(b)):
+            if any(word in key for word in TIMING):
+                timed += 1
+            elif a.get(key) != b.get(key):
+                diffs.append(f"{fname[:-5]}.{key}: {a.get(key)} vs {b.get(key)}")
+            else:
+                same += 1
+    return diffs, same, timed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=PROFILES, default="smoke")
@@ -163,7 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="passed to the notebooks (cpu, cuda)")
     p.add_argument("--inplace", action="store_true", help="write executed notebooks back into notebooks/")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    p.add_argument("--replay-steps", metavar="RUN", help="repeat the arena step counts of the run in folder RUN")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs' metrics and exit")
     args = p.parse_args(argv)
+    if args.compare:
+        diffs, same, timed = compare(*args.compare)
+        print(f"[repro] {same} metrics identical, {len(diffs)} different, {timed} timing metrics not compared")
+        print("\n".join(f"    {d}" for d in diffs))
+        return 1 if diffs else 0
     names = notebook_names()
     if args.list:
         print("\n".join(names))
@@ -187,7 +241,7 @@ def main(argv=None) -> int:
         print(f"[repro] ({i}/{len(names)}) {name} ({args.profile}) started at {time.strftime('%H:%M:%S')}"
               + (f", last run took {estimate:.0f} s" if estimate else ""), flush=True)
         with _heartbeat(name, estimate):
-            r = run_notebook(name, args.profile, out, args.device, args.inplace)
+            r = run_notebook(name, args.profile, out, args.device, args.inplace, replay_from=args.replay_steps)
         status = "ok" if r["ok"] else ("ERROR" if r["error"] else "OUT OF TOLERANCE")
         print(f"[repro] {name}: {status} in {r['seconds']} s", flush=True)
         for line in ([r["error"]] if r["error"] else []) + r["failures"]:

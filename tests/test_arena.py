@@ -111,3 +111,23 @@ def test_tasks_load_and_their_rewards_score_the_pretrained_model():
         assert isinstance(r, Reward) and task.why
         x = torch.zeros(4, *task.shape)
         assert r(x, task.eval_cond(4)).shape == (4,)
+
+
+def test_a_logged_budget_replays_to_identical_numbers(tmp_path, monkeypatch):
+    """repro --replay-steps: the second run takes the first run's step counts from the log, not from its own timing."""
+    from minialign import replay
+
+    task, log = _tiny_task(), tmp_path / "steps.jsonl"
+    monkeypatch.setenv(replay.STEPS_LOG, str(log))
+    monkeypatch.setitem(replay._calls, "n", 0)
+    a = arena.run(["full_bp", "ddpo"], task, seconds=0.3, seeds=[0], evals=2, progress=False)
+    assert [json.loads(line)["steps"] for line in log.read_text().splitlines()] == [a["steps"]]
+    monkeypatch.setenv(replay.STEPS_LOG, str(tmp_path / "second.jsonl"))
+    monkeypatch.setenv(replay.STEPS_REPLAY, str(log))
+    monkeypatch.setitem(replay._calls, "n", 0)
+    monkeypatch.setattr(arena, "probe", lambda *a, **k: pytest.fail("a replayed run must not time its methods"))
+    b = arena.run(["full_bp", "ddpo"], task, seconds=99.0, seeds=[0], evals=2, progress=False)
+    assert b["steps"] == a["steps"]
+    assert [r["curve"]["reward"] for r in a["runs"]] == [r["curve"]["reward"] for r in b["runs"]]
+    with pytest.raises(ValueError, match="entry 1 does not match"):  # the log holds one run, this is a second
+        arena.run(["full_bp"], task, seconds=0.3, seeds=[0], evals=1, progress=False)

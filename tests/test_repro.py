@@ -107,3 +107,14 @@ def test_html_escapes_and_figures_of_a_failed_run(tmp_path):
     text = md.read_text()
     assert "01_x: ValueError: <b>bad</b> | x\n" in text, "the error, without ANSI colour codes"
     assert "| 01_x | ERROR |" in text and "| 01_x | m |  | 0 |  | missing |" in text and "(none)" in text
+
+
+def test_compare_names_each_differing_metric_and_skips_timing(tmp_path):
+    for run, value in (("a", 0.5), ("b", 0.6)):
+        (tmp_path / run / "metrics").mkdir(parents=True)
+        (tmp_path / run / "metrics" / "nb.json").write_text(json.dumps(
+            {"reward": value, "same": 1.0, "seconds": value * 100, "time_ratio_vs_full_bp": value}))
+    diffs, same, timed = repro.compare(tmp_path / "a", tmp_path / "b")
+    assert diffs == ["nb.reward: 0.5 vs 0.6"] and same == 1 and timed == 2
+    assert repro.main(["--compare", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    assert repro.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
