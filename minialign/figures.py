@@ -65,7 +65,7 @@ def rows(n_steps: int = 10, k: int = 3, example: Optional[int] = None, h: int = 
     refl = ["no graph"] * j + ["graph"] + ["not run"] * (n - j - 1)
     rlr = ["likelihood"] * n
     rlr[j:j + h] = ["graph"] * h
-    rlr[j] = "likelihood+graph"
+    rlr[j + h - 1] = "likelihood+graph"  # HO: steps j..L-1 re-run with graph, the likelihood ratio at L = j + h - 1
     rlr[-1] = "graph"
     short = ["no graph"] * (n - 8) + ["graph", "input only", "input only", "graph", "input only", "input only",
                                       "graph", "graph"]
@@ -135,7 +135,7 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=c, edgecolor="#888888", label=t) for kind, (c, t) in KINDS.items() if kind != "not run"]
-    handles.append(Patch(facecolor="none", edgecolor=KINDS["likelihood"][0], lw=3, label="graph + likelihood ratio (RLR's HO start)"))
+    handles.append(Patch(facecolor="none", edgecolor=KINDS["likelihood"][0], lw=3, label="graph + likelihood ratio (end of RLR's HO sub-chain)"))
     handles.append(plt.Line2D([], [], marker="o", color="white", mec="black", ls="", label="one random draw shown"))
     below = offset_copy(ax.transAxes, ax.figure, y=-40, units="points")  # under the x label, whatever the height
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=3, fontsize=9,

@@ -23,7 +23,7 @@ def test_rows_are_consistent_with_the_methods():
     r = figures.rows(10, k=3, h=2)
     assert r["draft_k"][0].count("graph") == 3 and r["draft_1"][0][-1] == "graph"
     rlr, random = r["rlr"]
-    assert random and rlr[5] == "likelihood+graph" and rlr[6] == "graph" and rlr[-1] == "graph"
+    assert random and rlr[5] == "graph" and rlr[6] == "likelihood+graph" and rlr[-1] == "graph"
     assert rlr.count("likelihood") == 10 - 2 - 1
     assert r["refl"][0].count("graph") == 1 and r["refl"][0][-1] == "not run"
     assert all(len(kinds) == 10 for kinds, _ in r.values())

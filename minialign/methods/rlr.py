@@ -23,6 +23,15 @@ use of theta. Each g_i can be estimated pathwise (backprop from x_0 down to step
   g_RLR = c_FO g_FO + c_HO g_HO + c_ZO g_ZO; with all c = 1 it is unbiased for every fixed j, hence for any
   distribution of j (uniform, restricted to [a, b], weighted). A = r - baseline, averaged over the batch.
 
+j_dist="grad_norm" (the paper's gradient-norm weighting, made automatic): p_j = (1 - f) n_j / sum_k n_k + f / J
+over the J = N - h starts, f = j_floor (so every p_j >= f / J > 0), n_j = an exponential moving average (decay
+j_decay) of |g_HO| (the L2 norm over all trainable parameters of the HO estimate, advantage noise included) over
+the past draws of j; a start not yet drawn gets the mean of the others (1 before any draw: uniform). The HO
+gradient is taken inside the loss (one autograd.grad, the cost HO's backward had anyway) and handed back as the
+surrogate <G_HO, theta>. p is fixed before each draw from past draws only, and the estimate is unbiased given j,
+so NO 1/(J p_j) importance weight is applied: it would bias it, E = g_FO + sum_m g_m (1 + 1/J - p_m) for h = 1
+(tests/test_rlr.py shows it). loss_fn.state_dict() carries the n_j, so train()'s resume stays bit-exact.
+
 The loss is -(c_FO FO + c_HO HO + c_ZO ZO) with the surrogates above (their gradients are the estimates).
 
 Why the chain is stochastic: the HO and inherent-noise ZO terms are likelihood ratios and need sigma_m > 0 at
@@ -67,7 +76,7 @@ from ..schedule import prev_timesteps, step_coefficients
 from .chain import ChainConfig, chain_timesteps, draw_start
 
 ZO = ("inherent", "perturb", "none")
-J_DISTS = ("uniform", "range", "weighted")
+J_DISTS = ("uniform", "range", "weighted", "grad_norm")
 BASELINES = ("loo", "none", "standardise")
 VARIANTS = ("paper", "released")
 
@@ -81,6 +90,8 @@ class RLRConfig(ChainConfig):
     j_dist: str = "uniform"               # uniform | range | weighted: how the sub-chain's first step j is drawn
     j_range: Optional[tuple] = None       # (a, b): j ~ U{a..b} (j_dist="range"), 0 = the first, noisiest step
     j_weights: Optional[tuple] = None     # one weight per j in 0..N-1-h (j_dist="weighted", e.g. gradient norms)
+    j_floor: float = 0.2                  # grad_norm: share of the uniform distribution mixed in (0, 1]
+    j_decay: float = 0.9                  # grad_norm: decay of the moving average of |g_HO| per start, [0, 1)
     coef_fo: float = 1.0
     coef_ho: float = 1.0
     coef_zo: float = 1.0
@@ -108,6 +119,10 @@ def _check(cfg: RLRConfig):
         bad("zo_chunk", "an int >= 0 (0: one graph for all ZO steps)")
     if not cfg.zo_sigma > 0:
         bad("zo_sigma", "> 0")
+    if not 0 < cfg.j_floor <= 1:
+        bad("j_floor", "in (0, 1] (every start keeps p_j >= j_floor / J)")
+    if not 0 <= cfg.j_decay < 1:
+        bad("j_decay", "in [0, 1)")
     if cfg.baseline == "loo" and cfg.batch < 2:
         bad("baseline", "'none' or 'standardise' with batch = 1 (leave-one-out needs batch >= 2)")
     if cfg.variant == "released" and cfg.released_terms not in (1, 2):
@@ -134,6 +149,26 @@ def advantages(reward: torch.Tensor, baseline: str) -> torch.Tensor:
     if baseline == "loo":
         return r - (r.sum() - r) / (len(r) - 1)
     return (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+
+
+class GradNormJ:
+    """The grad_norm distribution of j over J starts (see the module docstring): probs(), update(j, norm)."""
+
+    def __init__(self, n_starts: int, floor: float, decay: float):
+        self.norms, self.floor, self.decay = [None] * n_starts, floor, decay
+
+    def probs(self) -> torch.Tensor:
+        seen = [v for v in self.norms if v is not None]
+        fill = sum(seen) / len(seen) if seen else 1.0
+        n = torch.tensor([fill if v is None else v for v in self.norms], dtype=torch.float64)
+        uniform = torch.full_like(n, 1 / len(n))
+        return uniform if n.sum() <= 0 else (1 - self.floor) * n / n.sum() + self.floor * uniform
+
+    def update(self, j: int, norm: float):
+        if not math.isfinite(norm):  # never averaged away: train() stops on the NaN loss this step produces
+            return
+        old = self.norms[j]
+        self.norms[j] = norm if old is None else self.decay * old + (1 - self.decay) * norm
 
 
 def _draw_j(cfg: RLRConfig, generator) -> int:
@@ -195,9 +230,15 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
         raise ValueError(f"eta={cfg.eta}: a step before the last is deterministic (sigma = 0) in timesteps {ts}")
     dim = math.prod(shape)
 
+    jn = GradNormJ(n - cfg.h, cfg.j_floor, cfg.j_decay) if cfg.j_dist == "grad_norm" and cfg.h > 0 else None
+
     def parts_fn(model, generator: torch.Generator):
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        j = _draw_j(cfg, generator) if cfg.h > 0 and cfg.variant == "paper" else -1
+        if jn is not None and cfg.variant == "paper":
+            p = jn.probs()
+            j = int(torch.multinomial(p, 1, generator=generator))
+        else:
+            j = _draw_j(cfg, generator) if cfg.h > 0 and cfg.variant == "paper" else -1
         ho_steps = list(range(j, j + cfg.h)) if j >= 0 else []
         zo_steps = [m for m in range(n - 1) if m not in ho_steps] if cfg.zo != "none" and cfg.variant == "paper" else []
         with torch.no_grad():
@@ -222,6 +263,13 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
                                 noises=traj.noises[j:L], final_timestep=ts[L])
             lp = transition_log_prob(model, schedule, x_L, traj.states[L + 1], ts[L], prev[L], cfg.eta, c)
             out["ho"] = (A * lp).mean()
+            if jn is not None:  # take g_HO here, record its norm for later draws, hand back <G_HO, theta>
+                named = [q for q in model.parameters() if q.requires_grad]
+                G = [torch.zeros_like(q) if d is None else d
+                     for q, d in zip(named, torch.autograd.grad(out["ho"], named, allow_unused=True))]
+                jn.update(j, math.sqrt(sum(float((d * d).sum()) for d in G)))
+                out["ho"] = sum((d * q).sum() for d, q in zip(G, named))
+                stats["p_j"] = float(p[j])
         if cfg.zo == "inherent" and zo_steps and cfg.zo_chunk == 0:
             out["zo"] = (A * _step_log_probs(model, schedule, ts, prev, cfg.eta, traj, zo_steps, c)).mean(1).sum()
         elif cfg.zo == "inherent" and zo_steps:  # backprop zo_chunk steps at a time: one chunk's graph alive at once
@@ -247,12 +295,14 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
             stats["reward_perturbed"] = adv.item() + r0.mean().item()
         return out, stats
 
+    parts_fn.j_dist = jn
     return parts_fn
 
 
 def make_loss(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
     """loss_fn(model, step, generator) -> (-(c_FO FO + c_HO HO + c_ZO ZO), stats); stats: reward (mean reward of
-    the sampled chain), j (the sub-chain's first step, -1 without HO), reward_perturbed (zo="perturb")."""
+    the sampled chain), j (the sub-chain's first step, -1 without HO), reward_perturbed (zo="perturb"), p_j
+    (grad_norm: the probability j was drawn with; loss_fn.j_dist is the GradNormJ)."""
     parts_fn = make_parts(schedule, reward, cfg, shape=shape, cond=cond)
     coef = {"fo": cfg.coef_fo, "ho": cfg.coef_ho, "zo": cfg.coef_zo, "pg": 1.0}
 
@@ -260,4 +310,8 @@ def make_loss(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
         out, stats = parts_fn(model, generator)
         return -sum(coef[k] * v for k, v in out.items()), stats
 
+    if parts_fn.j_dist is not None:  # grad_norm: its moving averages travel with train()'s checkpoints
+        loss_fn.j_dist = parts_fn.j_dist
+        loss_fn.state_dict = lambda: {"j_norms": list(parts_fn.j_dist.norms)}
+        loss_fn.load_state_dict = lambda state: setattr(parts_fn.j_dist, "norms", list(state["j_norms"]))
     return loss_fn
