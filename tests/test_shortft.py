@@ -229,3 +229,145 @@ def test_few_step_loss_is_full_backprop_through_the_shortcut_sampler():
     torch.testing.assert_close(g, g_h, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="not differentiable"):
         few_step_loss(sch, jpeg_compressibility(), batch=4, shape=SHAPE)
+
+
+# --- timestep-aware LoRA (T-LoRA) and progressive training --------------------------------------------------------
+
+def _tlora_toy(mode="separate", progressive=0, seed=0):
+    """The toy net with one LoRA per segment (B drawn non-zero, so every adapter changes the output)."""
+    net, sch = _toy(seed=seed)
+    frozen = copy.deepcopy(net).requires_grad_(False)
+    cfg = shortft.ShortFTConfig(**CFG, tlora=mode, progressive=progressive)
+    shortft.add_tlora(net, len(cfg.anchors), r=2)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net, sch, cfg, _exact(frozen, sch, cfg)
+
+
+def _count_adapter_calls(net):
+    """{adapter: [timesteps at which it ran]} via forward hooks on the first LoRA layer's lora_A modules."""
+    seen, now = {}, {}
+    layer = net.l1.lin
+    net.register_forward_pre_hook(lambda m, args: now.update(t=int(args[1].flatten()[0])))
+    for name, mod in layer.lora_A.items():
+        mod.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append(now["t"]))
+    return seen
+
+
+def test_tlora_routes_each_step_to_its_segment():
+    ts = [49, 44, 39, 34, 29, 24, 19, 14, 9, 4]  # anchors snap to 49, 29, 14, 4
+    sep = shortft.routes(ts, CFG["anchors"], 50, "separate")
+    assert [sep[t] for t in ts] == [["seg0"]] * 4 + [["seg1"]] * 3 + [["seg2"]] * 2 + [["seg3"]]
+    st = shortft.routes(ts, CFG["anchors"], 50, "stacked")
+    assert st[49] == ["seg0", "seg1", "seg2", "seg3"] and st[24] == ["seg1", "seg2", "seg3"] and st[4] == ["seg3"]
+    # a head before the first anchor joins segment 0
+    assert shortft.routes(ts, (600, 300, 100), 50, "separate")[49] == ["seg0"]
+    with pytest.raises(ValueError, match="mode"):
+        shortft.routes(ts, CFG["anchors"], 50, "off")
+
+
+@pytest.mark.parametrize("mode", ["separate", "stacked"])
+def test_tlora_training_and_inference_call_the_routed_adapters(mode):
+    net, sch, cfg, sc = _tlora_toy(mode)
+    seen = _count_adapter_calls(net)
+    loss_fn = shortft.make_loss(sch, REWARD, cfg, shape=SHAPE, shortcut=sc)
+    loss, stats = loss_fn(net, 0, torch.Generator().manual_seed(3))
+    table = shortft.routes(chain_timesteps(sch, cfg), cfg.anchors, sch.T, mode)
+    # training: the base model runs only at the anchors (49, 29, 14, 4; the jumps are the frozen copy)
+    want = {}
+    for t in (49, 29, 14, 4):
+        for a in table[t]:
+            want.setdefault(a, []).append(t)
+    assert seen == want, (seen, want)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.norm() > 0 for n, p in net.named_parameters() if "lora_" in n)
+    assert all(p.grad is None for n, p in net.named_parameters() if "lora_" not in n)  # the base stays frozen
+    seen.clear()
+    x_T = torch.randn(3, 2, dtype=torch.float64)
+    x0 = shortft.inference(net, sch, cfg, x_T)
+    want = {}
+    for t in chain_timesteps(sch, cfg):
+        for a in table[t]:
+            want.setdefault(a, []).append(t)
+    assert seen == want
+    # oracle: a fixed copy per segment, each with only its adapters switched on, chained by hand
+    from peft.tuners.tuners_utils import set_adapter
+    copies = {}
+    for t, names in table.items():
+        key = tuple(names)
+        if key not in copies:
+            copies[key] = copy.deepcopy(net)
+            set_adapter(copies[key], list(names))
+    routed = lambda x, t, c: copies[tuple(table[int(t[0])])](x, t, c)  # noqa: E731
+    with torch.no_grad():
+        x0_o = sample(routed, sch, x_T, chain_timesteps(sch, cfg), 0.0)[0]
+    torch.testing.assert_close(x0, x0_o, rtol=0, atol=0)
+    assert not torch.equal(x0, sample(copies[tuple(table[4])], sch, x_T, chain_timesteps(sch, cfg), 0.0)[0])
+
+
+def test_only_the_active_adapters_get_gradient():
+    """Progressive stage with the last two anchors (14, 4): 'separate' trains seg2 and seg3 only; 'stacked' too
+    (seg3 at t = 4, seg2 + seg3 at t = 14); the untrained segments' LoRAs get no gradient at all."""
+    for mode in ("separate", "stacked"):
+        net, sch, cfg, sc = _tlora_toy(mode, progressive=2)
+        loss_fn = shortft.make_loss(sch, REWARD, cfg, shape=SHAPE, shortcut=sc)
+        loss, stats = loss_fn(net, 2, torch.Generator().manual_seed(3))  # step 2: stage 1, anchors 14 and 4
+        loss.backward()
+        assert stats["anchors_trained"] == 2.0
+        for n, p in net.named_parameters():
+            if "lora_" in n:
+                seg = n.split(".")[-2]
+                if seg in ("seg2", "seg3"):
+                    assert p.grad is not None and p.grad.norm() > 0, (mode, n)
+                else:
+                    assert p.grad is None, (mode, n)
+
+
+def test_progressive_stages_start_at_the_stated_steps():
+    assert [shortft.stage_anchors(s, 4, 3) for s in range(14)] == [3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert [shortft.stage_anchors(s, 4, 0) for s in (0, 5, 100)] == [0, 0, 0]
+    net, sch = _toy()
+    cfg = shortft.ShortFTConfig(**CFG, progressive=3)
+    loss_fn = shortft.make_loss(sch, REWARD, cfg, shape=SHAPE, shortcut=_exact(net, sch, cfg))
+    got = [loss_fn(net, s, torch.Generator().manual_seed(3))[1] for s in (0, 2, 3, 6, 9, 50)]
+    assert [g["anchors_trained"] for g in got] == [1, 1, 2, 3, 4, 4]
+    assert [g["graph_calls"] for g in got] == [1, 1, 3, 5, 7, 7]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="progressive"):
+            shortft.ShortFTConfig(progressive=bad)
+    with pytest.raises(ValueError, match="tlora"):
+        shortft.ShortFTConfig(tlora="yes")
+
+
+@pytest.mark.parametrize("step, k", [(0, 1), (1, 3), (2, 6), (3, 10)])
+def test_a_progressive_stage_with_the_exact_chain_is_draft_k(step, k):
+    """Stages 0..3 start at the anchors 4, 14, 29, 49: with an exact shortcut, training from that anchor on is
+    DRaFT-K with K = the steps from it to the data (1, 3, 6, 10; the last stage is full backprop)."""
+    net, sch = _toy()
+    cfg = shortft.ShortFTConfig(**CFG, progressive=1)
+    _, _, g_s = _grad(lambda m, s, g: shortft.make_loss(sch, REWARD, cfg, shape=SHAPE,
+                                                        shortcut=_exact(net, sch, cfg))(m, step, g), net)
+    _, _, g_k = _grad(truncated_bp.make_loss(sch, REWARD, truncated_bp.TruncatedBPConfig(batch=4, n_steps=10, k=k),
+                                             shape=SHAPE), net)
+    torch.testing.assert_close(g_s, g_k, rtol=1e-9, atol=1e-12)
+
+
+def test_tlora_needs_its_adapters_and_trains_with_the_shortcut_frozen():
+    net, sch = _toy()
+    cfg = shortft.ShortFTConfig(**CFG, tlora="stacked")
+    sc = _shortcut(net, sch, cfg)
+    with pytest.raises(ValueError, match="add_tlora"):
+        shortft.make_loss(sch, REWARD, cfg, shape=SHAPE, shortcut=sc)(net, 0, torch.Generator().manual_seed(0))
+    shortft.add_tlora(net, 4, r=2)
+    before = {k: v.clone() for k, v in sc.state_dict().items()}
+    base_before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" not in n}
+    train(net, shortft.make_loss(sch, REWARD, cfg, shape=SHAPE, shortcut=sc),
+          TrainConfig(steps=2, lr=1e-2, progress=False))
+    assert all(torch.equal(before[k], v) for k, v in sc.state_dict().items())
+    assert all(torch.equal(base_before[n], p) for n, p in net.named_parameters() if "lora_" not in n)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in net.named_parameters() if "lora_B" in n)
+    with pytest.raises(ValueError, match="n_segments"):
+        shortft.add_tlora(net, 0)

@@ -23,16 +23,35 @@ timestep of the configured chain (on the arena's 20-step trailing chain: 749, 49
 shortcut must have been distilled for exactly the jumps this produces (`shortcut.segments`).
 
 Inference is the ordinary chain of the tuned base model (`inference`; it takes no shortcut). What is trained
-(LoRA through peft, `minialign.train.add_lora`, or any subset of parameters) is whatever of `model` requires grad.
+(LoRA through peft, `minialign.train.add_lora` or `add_tlora` below, or any subset of parameters) is whatever of
+`model` requires grad.
 
 Deviations from the paper, named:
 - the shortcut is distilled here (minialign.shortcut), not Hyper-SD; its jumps are one DDIM step of a
   fine-tuned copy of the base network, valid only for the segments it was distilled on;
-- the jumps are deterministic (eta = 0) whatever cfg.eta says (the shortcut imitates the DDIM ODE);
-- timestep-aware LoRA (one LoRA per segment, stacked) and progressive training are NOT implemented.
+- the jumps are deterministic (eta = 0) whatever cfg.eta says (the shortcut imitates the DDIM ODE).
+
+Timestep-aware LoRA (T-LoRA, `tlora`): segment i (0-based) is anchor i's base step plus the steps its jump skips,
+i.e. the chain timesteps t with anchor_i >= t > anchor_{i+1}; the head (t > anchor_0) belongs to segment 0.
+`add_tlora` injects one peft LoRA per segment, named adapters "seg0".."seg{m-1}" on any torch module (tested on
+the toy models), and every call of the model at timestep t, in training and at inference alike, activates (peft
+`set_adapter`, per layer) the adapters of t's segment; the head joining segment 0 is our choice:
+
+    "separate":  A(t) = {seg_i}                      one LoRA per segment
+    "stacked":   A(t) = {seg_i, seg_{i+1}, ..., seg_{m-1}}   the later segments' LoRAs stay on (summed)
+
+"stacked" is our reading of the paper's "stacked on the previous" LoRA: with progressive training below, LoRA i
+starts at zero on top of the already tuned later ones, so a new segment starts from where the later segment is.
+Progressive training (`progressive` = P optimiser steps per stage): stage k = step // P (capped at m - 1) trains
+through the LAST k + 1 anchors only; the steps before anchor m-1-k are the ordinary base chain without graph
+(the "original chain before the segment"), so training starts next to the data and moves the truncation point
+one anchor earlier every P steps. Stage k trains only the LoRAs its trainable steps activate (seg_{m-1-k}..). Both
+refinements are reconstructions of the paper's description (no code was released); the paper's stage lengths
+are not stated here, P is ours.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +62,7 @@ from ..sampling import StepPlan, plan_none, sample
 from .chain import ChainConfig, chain_timesteps, draw_start
 
 PAPER_ANCHORS = (761, 501, 261, 1)  # the paper's trainable base steps, on a 1000-step scale
+TLORA = ("off", "separate", "stacked")
 HOW_TO_MAKE = ("make one with `python -m minialign.shortcut NAME` (NAME = the base checkpoint, e.g. digits or gmm) "
                "and load it with `minialign.shortcut.load(NAME)`")
 
@@ -51,6 +71,8 @@ HOW_TO_MAKE = ("make one with `python -m minialign.shortcut NAME` (NAME = the ba
 class ShortFTConfig(ChainConfig):
     anchors: tuple = PAPER_ANCHORS  # trainable base steps, on a 1000-step scale, snapped to the chain's timesteps
     checkpoint: bool = False        # torch.utils.checkpoint on the trainable base steps' network calls
+    tlora: str = "off"              # timestep-aware LoRA routing: off | separate | stacked (model from add_tlora)
+    progressive: int = 0            # optimiser steps per stage of progressive training (0: off, every anchor always)
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,12 +82,27 @@ class ShortFTConfig(ChainConfig):
             raise ValueError(f"anchors must be a non-empty, strictly decreasing tuple of ints in [0, 999] "
                              f"(a 1000-step scale), got {self.anchors!r}")
         self.anchors = a
+        if self.tlora not in TLORA:
+            raise ValueError(f"tlora must be one of {TLORA}, got {self.tlora!r}")
+        if not isinstance(self.progressive, int) or isinstance(self.progressive, bool) or self.progressive < 0:
+            raise ValueError(f"progressive must be an int >= 0 (optimiser steps per stage; 0 = off), "
+                             f"got {self.progressive!r}")
 
 
 class Piece(NamedTuple):
     kind: str        # "head" (no-graph base steps), "base" (one trainable base step) or "jump" (shortcut)
     steps: tuple     # the chain timesteps this piece visits (one for base and jump)
     land: int        # where it lands (a chain timestep, or -1 for the data)
+
+
+def snap(ts, anchors, T: int) -> list[int]:
+    """Each anchor (1000-step scale) as the chain timestep nearest to round(a T / 1000); refuses a collision."""
+    ts = [int(t) for t in ts]
+    snapped = [min(ts, key=lambda u: (abs(u - round(a * T / 1000)), u)) for a in anchors]
+    if len(set(snapped)) != len(snapped):
+        raise ValueError(f"anchors {tuple(anchors)} snap to {snapped} on the chain {ts}: two anchors share a "
+                         "timestep; use fewer anchors or a longer chain (n_steps)")
+    return snapped
 
 
 def layout(ts, anchors, T: int) -> list[Piece]:
@@ -75,10 +112,7 @@ def layout(ts, anchors, T: int) -> list[Piece]:
     at anchor i lands on the chain's next timestep s_i; a jump carries s_i to anchor i+1 (or to -1 after
     the last anchor) whenever they differ."""
     ts = [int(t) for t in ts]
-    snapped = [min(ts, key=lambda u: (abs(u - round(a * T / 1000)), u)) for a in anchors]
-    if len(set(snapped)) != len(snapped):
-        raise ValueError(f"anchors {tuple(anchors)} snap to {snapped} on the chain {ts}: two anchors share a "
-                         "timestep; use fewer anchors or a longer chain (n_steps)")
+    snapped = snap(ts, anchors, T)
     nxt = dict(zip(ts, ts[1:] + [-1]))
     pieces = []
     head = tuple(t for t in ts if t > snapped[0])
@@ -95,6 +129,77 @@ def layout(ts, anchors, T: int) -> list[Piece]:
 def jumps(pieces) -> list[tuple[int, int]]:
     """The (t_a, t_b) shortcut jumps of a layout: the segments the shortcut must have been distilled on."""
     return [(p.steps[0], p.land) for p in pieces if p.kind == "jump"]
+
+
+def routes(ts, anchors, T: int, mode: str = "stacked") -> dict[int, list[str]]:
+    """T-LoRA: {chain timestep: the adapters active there}. Segment i = anchor_i >= t > anchor_{i+1} (the head
+    joins segment 0); mode "separate": [seg_i]; "stacked": [seg_i, ..., seg_{m-1}]."""
+    if mode not in TLORA[1:]:
+        raise ValueError(f"mode must be one of {TLORA[1:]}, got {mode!r}")
+    snapped = snap(ts, anchors, T)
+    m = len(snapped)
+    seg = {int(t): max([i for i, a in enumerate(snapped) if a >= t], default=0) for t in ts}
+    return {t: [f"seg{j}" for j in (range(i, i + 1) if mode == "separate" else range(i, m))] for t, i in seg.items()}
+
+
+def add_tlora(model: torch.nn.Module, n_segments: int, r: int = 4, target_modules=None, alpha=None, seed: int = 0):
+    """Inject n_segments peft LoRA adapters "seg0".. (rank r each, identity at start: B = 0) into `model` in place,
+    freeze everything else; returns the LoRA parameters. target_modules as in minialign.train.add_lora."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not isinstance(n_segments, int) or n_segments < 1:
+        raise ValueError(f"n_segments must be an int >= 1 (one adapter per anchor), got {n_segments!r}")
+    if target_modules is None:
+        target_modules = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    model.requires_grad_(False)
+    for i in range(n_segments):
+        torch.manual_seed(seed + i)
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the model: that is the point here
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha or r, target_modules=list(target_modules)),
+                                    model, adapter_name=f"seg{i}")
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class TimestepLoRA:
+    """A denoiser that calls `model` with the adapters of t's segment active (`routes`); same signature."""
+
+    def __init__(self, model, table: dict):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.model, self.table = model, table
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        need = sorted({a for names in table.values() for a in names})
+        have = set(self.layers[0].lora_A) if self.layers and hasattr(self.layers[0], "lora_A") else set()
+        if not set(need) <= have:
+            raise ValueError(f"model: T-LoRA needs the LoRA adapters {need}, the model has {sorted(have)}; "
+                             f"call shortft.add_tlora(model, {len(need) if need else 'n'}) first")
+        self.lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x_t, t, cond=None):
+        t0 = int(t.flatten()[0])
+        if not bool((t == t0).all()) or t0 not in self.table:
+            raise ValueError(f"t: T-LoRA routes one chain timestep per call (one of {sorted(self.table)}), got {t}")
+        keep = [p.requires_grad for p in self.lora]  # peft's set_adapter also toggles requires_grad: restore it
+        for layer in self.layers:
+            layer.set_adapter(self.table[t0])
+        for p, g in zip(self.lora, keep):
+            p.requires_grad_(g)
+        return self.model(x_t, t, cond)
+
+
+def stage_anchors(step: int, n_anchors: int, progressive: int) -> int:
+    """Progressive training: the index of the first anchor trained at optimiser step `step` (0 = all of them).
+    Stage k = min(step // progressive, n_anchors - 1) trains the last k + 1 anchors."""
+    if progressive == 0:
+        return 0
+    return n_anchors - 1 - min(step // progressive, n_anchors - 1)
 
 
 def check_shortcut(shortcut, pieces) -> None:
@@ -139,26 +244,35 @@ def make_loss(schedule, reward, cfg: ShortFTConfig, *, shape, cond=None, shortcu
     """loss_fn(model, step, generator) -> (-mean reward on the short chain's x_0, stats).
 
     shortcut: the frozen few-step model (required; `minialign.shortcut.load(NAME)`), a denoiser with a
-    `segments` dict {t_a: t_b} covering this layout's jumps. stats: reward (on the short training chain),
-    graph_calls (network calls that keep a graph: trainable base steps + jumps).
+    `segments` dict {t_a: t_b} covering this layout's jumps. With cfg.tlora the model must carry `add_tlora`'s
+    adapters; with cfg.progressive the layout at `step` starts at anchor `stage_anchors(step, ...)`.
+    stats: reward (on the short training chain), graph_calls (network calls that keep a graph: trainable base
+    steps + jumps), anchors_trained (how many anchors this step trains).
     """
     require_differentiable(reward, "ShortFT")
     ts = chain_timesteps(schedule, cfg)
-    pieces = layout(ts, cfg.anchors, schedule.T)
-    check_shortcut(shortcut, pieces)
-    calls = float(sum(p.kind in ("base", "jump") for p in pieces))
+    m = len(cfg.anchors)
+    stages = [layout(ts, cfg.anchors[i:], schedule.T) for i in range(m)]  # stages[i]: training from anchor i on
+    check_shortcut(shortcut, stages[0])
+    table = routes(ts, cfg.anchors, schedule.T, cfg.tlora) if cfg.tlora != "off" else None
 
     def loss_fn(model, step: int, generator: torch.Generator):
+        first = stage_anchors(step, m, cfg.progressive)
+        pieces = stages[first]
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        x0 = short_chain(model, shortcut, schedule, pieces, x_T, cfg.eta, c, generator, checkpoint=cfg.checkpoint)
+        net = TimestepLoRA(model, table) if table else model
+        x0 = short_chain(net, shortcut, schedule, pieces, x_T, cfg.eta, c, generator, checkpoint=cfg.checkpoint)
         r = reward_with_graph(reward, x0, c, "ShortFT")
-        return -r.mean(), {"reward": r.mean().item(), "graph_calls": calls}
+        calls = float(sum(p.kind in ("base", "jump") for p in pieces))
+        return -r.mean(), {"reward": r.mean().item(), "graph_calls": calls, "anchors_trained": float(m - first)}
 
     return loss_fn
 
 
 @torch.no_grad()
 def inference(model, schedule, cfg: ShortFTConfig, x_T, cond=None, generator=None):
-    """What a ShortFT-tuned model samples with: the ordinary full chain of the base model (no shortcut)."""
+    """What a ShortFT-tuned model samples with: the ordinary full chain of the base model (no shortcut); with
+    cfg.tlora every step runs with its segment's adapters (`routes`), as in training."""
     ts = chain_timesteps(schedule, cfg)
-    return sample(model, schedule, x_T, ts, cfg.eta, plan_none(len(ts)), cond=cond, generator=generator)[0]
+    net = TimestepLoRA(model, routes(ts, cfg.anchors, schedule.T, cfg.tlora)) if cfg.tlora != "off" else model
+    return sample(net, schedule, x_T, ts, cfg.eta, plan_none(len(ts)), cond=cond, generator=generator)[0]
