@@ -287,7 +287,7 @@ def plot(result: dict, axes=None):
                 title=f"{result['task_label']}: reward vs time")
     axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="final reward",
                 title="reward vs drift (dots: seeds)")
-    axes[0].legend(fontsize=8, loc="best")
+    axes[0].legend(fontsize=10, loc="best")
     return axes
 
 
