@@ -43,6 +43,9 @@ MEAN_BRIGHTNESS = Reward(lambda img, c: img.flatten(1).mean(1), "mean brightness
 def test_tokenizer_spells_caption_words(base):
     assert base.tokenizer.tokenize("a red digit seven") == ["a</w>", "red</w>", "digit</w>", "seven</w>"]
     assert len(base.tokenizer) > 100
+    from minialign.sd.tiny import WORDS
+    # every word one token: "green" used to split into 4 because the merge (r, e) of "red" came first
+    assert [w for w in WORDS if len(base.tokenizer.tokenize(w)) != 1] == []
 
 
 @pytest.mark.parametrize("w", [1.0, 4.0])

@@ -24,6 +24,8 @@ def make_tokenizer(words=WORDS, max_length: int = 16):
 
     Vocabulary: the special tokens, each letter with and without the end-of-word mark `</w>`, and every
     merge result; merges join a word's pieces left to right, e.g. (r, e) -> re, (re, d</w>) -> red</w>.
+    BPE applies merges in list order, so the words are taken longest first: otherwise the merge (r, e) of "red"
+    fires inside "green" before green's own and strands it as 4 tokens. Each word is checked to be one token.
     """
     from transformers import CLIPTokenizer
 
@@ -32,8 +34,10 @@ def make_tokenizer(words=WORDS, max_length: int = 16):
     tokens = [BOS, EOS] + list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
     merges = []
     for w in words:
-        if not w.isalpha() or not w.islower():
+        if not isinstance(w, str) or not w.isalpha() or not w.islower():
             raise ValueError(f"words must be lowercase letters only, got {w!r}")
+    words = sorted(dict.fromkeys(words), key=lambda w: (-len(w), w))
+    for w in words:
         parts = list(w[:-1]) + [w[-1] + "</w>"]
         left = parts[0]
         for right in parts[1:]:
@@ -46,7 +50,20 @@ def make_tokenizer(words=WORDS, max_length: int = 16):
                         model_max_length=max_length)
     if len(tok) != len(vocab):
         raise RuntimeError(f"the tokenizer has {len(tok)} tokens, expected {len(vocab)}")
+    split = [w for w in words if len(tok.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(f"the words {split} are not single tokens")
     return tok
+
+
+def text_encoder(tokenizer, hidden: int = 32, intermediate: int = 37, layers: int = 2, heads: int = 4):
+    """A random CLIPTextModel for `tokenizer` (its vocabulary, special ids and max length), hidden size `hidden`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden))
 
 
 def tiny_pipeline(seed: int = 0, sample_size: int = 8, max_length: int = 16):
@@ -55,8 +72,6 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 8, max_length: int = 16):
     sample_size: the latent side (images are 2x larger: the VAE has two blocks, one downsampling).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     if not isinstance(sample_size, int) or sample_size < 4 or sample_size % 4:
         raise ValueError(f"sample_size must be a positive multiple of 4, got {sample_size!r}")
     tokenizer = make_tokenizer(max_length=max_length)
@@ -69,15 +84,12 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 8, max_length: int = 16):
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         norm_num_groups=8, sample_size=2 * sample_size)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=32))
+    text = text_encoder(tokenizer)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=True, steps_offset=1, num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, text):
         m.eval()
     return pipe
