@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -113,13 +114,16 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def _kernel_options() -> dict:
-    """nbclient options: IPC transport on POSIX, so the kernel has no unencrypted TCP port (and no warning)."""
+def _kernel_options(folder: str) -> dict:
+    """nbclient options: IPC transport on POSIX, so the kernel has no unencrypted TCP port (and no warning), with
+    its sockets in a fresh temporary folder: under the default name (kernel-ipc-N in the notebooks' folder) two
+    runs at once can pick the same socket files and one of them waits forever. folder: where the sockets go."""
     if os.name != "posix":
         return {}
     from traitlets.config import Config
 
-    return {"config": Config({"KernelManager": {"transport": "ipc"}})}
+    ip = os.path.join(folder, "ipc")
+    return {"config": Config({"KernelManager": {"transport": "ipc", "ip": ip}})}
 
 
 def _set_env(values: dict) -> None:
@@ -150,17 +154,19 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
            replay.STEPS_LOG: str(log), replay.STEPS_REPLAY: str((Path(replay_from) / "steps" / f"{name}.jsonl").resolve())
            if replay_from else None}
     saved = {k: os.environ.get(k) for k in env}
+    sockets = tempfile.TemporaryDirectory(prefix="minialign-kernel-")
     try:
         _set_env(env)
         pm.execute_notebook(
             str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
             parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
-            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(),
+            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(sockets.name),
         )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
     finally:
         _set_env(saved)
+        sockets.cleanup()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if result["error"] is None:
         if not metrics_path.exists():

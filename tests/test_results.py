@@ -1,0 +1,66 @@
+"""minialign.results: the claims table's rules on hand-made metrics, missing notebooks, the loader."""
+import json
+
+import pytest
+
+from minialign import results
+
+GOOD = {
+    "01_sft_pg": {"swd_after_over_many_step": 0.9, "swd_after_over_floor": 1.1},
+    "03_rlr": {"arena_rlr_final": 0.6, "arena_draft_1_final": 0.5, "arena_alignprop_final": 0.4, "arena_ddpo_final": 0.1,
+               "ablation_full": -0.1, "ablation_without_ho": -0.2, "ablation_without_zo": -0.3, "ablation_fo_only": -0.4},
+    "04_sdo": {"time_ratio_vs_full_bp": 0.1, "memory_ratio_vs_full_bp": 0.03, "param_reward_sdo": 0.5,
+               "param_reward_full_bp": 0.5, "param_reward_full_bp_std": 0.01},
+    "05_shortft": {f"reward_gain_equal_compute_{t}_{m}": v for t in ("digit3_tempered", "symmetry", "ring_centre")
+                   for m, v in (("shortft", 0.3), ("draft_lv", 0.1))},
+}
+
+
+def _verdicts(metrics):
+    return {r["paper"].split()[0]: r["verdict"] for r in results.claims(metrics)}
+
+
+def test_claims_reproduced_when_every_rule_holds():
+    assert _verdicts(GOOD) == {"SFT-PG": "reproduced", "RLR": "reproduced", "SDO": "reproduced", "ShortFT": "reproduced"}
+    assert all(r["score"] == 1.0 for r in results.claims(GOOD))
+
+
+def test_claims_partly_and_not():
+    m = json.loads(json.dumps(GOOD))
+    m["04_sdo"]["time_ratio_vs_full_bp"] = 0.35                       # cheaper, but not 90% cheaper: partly
+    m["03_rlr"].update(arena_rlr_final=0.05, ablation_full=-0.5)      # below every baseline, worst ablation: not
+    m["05_shortft"]["reward_gain_equal_compute_symmetry_shortft"] = 0.1  # a tie is not a win: partly
+    v = _verdicts(m)
+    assert v["SDO"] == "partly" and v["RLR"] == "not" and v["ShortFT"] == "partly"
+    scores = {r["paper"].split()[0]: r["score"] for r in results.claims(m)}
+    assert scores["SDO"] == 0.5 and scores["RLR"] == 0.0
+
+
+def test_missing_metrics_say_not_measured():
+    rows = results.claims({"04_sdo": {"time_ratio_vs_full_bp": 0.1}})
+    assert [r["verdict"] for r in rows] == ["not measured"] * 4
+    assert all(r["score"] is None for r in rows)
+    assert results.gather({}) == {}
+
+
+def test_verdict_rule_and_its_errors():
+    assert [results.verdict(p, 3) for p in (3, 1, 0)] == ["reproduced", "partly", "not"]
+    with pytest.raises(ValueError, match="total=0"):
+        results.verdict(0, 0)
+
+
+def test_gather_reads_the_first_source_and_converts_bytes(tmp_path):
+    (tmp_path / "02_reward_gradients.json").write_text(json.dumps(
+        {"full_bp_saved_bytes_per_step": 2**21, "arena_digit3_tempered_refl_final": 0.7,
+         "arena_digit3_tempered_refl_std": 0.01}))
+    (tmp_path / "04_sdo.json").write_text(json.dumps({"time_ratio_vs_full_bp": 0.3}))
+    t = results.gather(results.load_metrics(tmp_path))
+    assert t["saved_mb_per_step"]["full_bp"].value == 2.0
+    assert t["reward_digit3_tempered"]["refl"] == (0.7, 0.01, "02_reward_gradients: arena_digit3_tempered_refl_final")
+    assert t["time_vs_full_bp"]["sdo"].source == "04_sdo: time_ratio_vs_full_bp"
+    assert set(results.load_metrics(tmp_path)) == {"02_reward_gradients", "04_sdo"}
+
+
+def test_the_committed_metrics_give_a_verdict_or_not_measured():
+    for r in results.claims(results.load_metrics()):
+        assert r["verdict"] in ("reproduced", "partly", "not", "not measured")
