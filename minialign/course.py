@@ -19,10 +19,10 @@ Every cell runs even after a failure, so one unanswered exercise does not hide t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +139,9 @@ def run(nb, cwd, timeout: int = 600) -> nbformat.NotebookNode:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     nb = copy.deepcopy(nb)
-    with contextlib.chdir(cwd):  # the IPC transport's socket files are relative to the current folder
+    with tempfile.TemporaryDirectory(prefix="minialign-kernel-") as sockets:  # the kernel's IPC sockets
         NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, startup_timeout=120,
-                       resources={"metadata": {"path": str(cwd)}}, **_kernel_options()).execute()
+                       resources={"metadata": {"path": str(cwd)}}, **_kernel_options(sockets)).execute()
     return nb
 
 

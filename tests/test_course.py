@@ -192,13 +192,19 @@ WRONG = {  # typical mistakes; each must fail its test cell
                      "    n, b = states.shape[:2]\n"
                      "    pred = baseline(states.flatten(0, 1), torch.arange(n).repeat_interleave(b))\n"
                      "    return f_real.mean() - f_gen.mean() + (1 + lam) * ((pred - f_gen.repeat(n)) ** 2).mean()",
+    "03_rlr_ex1": "L = j + h - 1\n"
+                  "    log_prob = transition_log_prob(model, schedule, traj.states[L], traj.states[L + 1], ts[L], "
+                  "prev_timesteps(ts)[L], eta)\n"
+                  "    return (advantage * log_prob).mean()",
+    "03_rlr_ex2": "return min(math.floor((budget - b_z * n_steps) / (b_h - b_z)), n_steps)",
 }
 
 
-@pytest.mark.parametrize("notebook", ["00_toy_diffusion", "01_sft_pg"])
+@pytest.mark.parametrize("notebook", ["00_toy_diffusion", "01_sft_pg", "03_rlr"])
 def test_wrong_answers_fail(notebook, tmp_path):
     """00: the DDIM b without sigma; a log-prob without its normaliser. 01: the advantage left in the graph; the
-    baseline regularisation without its stop-gradients."""
+    baseline regularisation without its stop-gradients. 03: the HO term on the stored (detached) x_L instead of the
+    re-run sub-chain; h* with B_z (T) instead of B_z (T - 1)."""
     nb = course.exercise_notebook(course.read(repro.NOTEBOOKS / f"{notebook}.ipynb"))
     for ex in course.exercises(nb):
         cell = nb.cells[ex.solution]
