@@ -65,6 +65,67 @@ class Task:
         return torch.arange(n, device=device) % 10 if self.conditional else None
 
 
+_PIPES: dict = {}  # (model folder, LoRA rank) -> the loaded pipeline with its adapter, shared by an SDTask's calls
+
+
+@dataclass(frozen=True)
+class SDTask(Task):
+    """A task on a diffusers pipeline (minialign.sd): the model is the pipeline's UNet with a LoRA adapter behind
+    classifier-free guidance (sd.LoRADenoiser: only the LoRA trains), the sampler's space its latents, the reward
+    `image_reward()` on the decoded image, the conditioning the embeddings of `prompts` cycled over the batch.
+    `model` is a save_pretrained folder (default: the shipped mini-SD)."""
+
+    prompts: tuple = ()
+    image_reward: Optional[Callable] = None
+    guidance: float = 3.0
+    lora_rank: int = 4
+
+    def __post_init__(self):
+        if not self.prompts or self.image_reward is None:
+            raise ValueError(f"SDTask {self.name!r} needs prompts and an image_reward")
+        object.__setattr__(self, "reward", self._reward)
+
+    def pipeline(self):
+        from .sd import add_lora, load_pipeline
+        from .sd.mini import DEFAULT_OUT
+
+        key = (self.model, self.lora_rank)
+        if key not in _PIPES:
+            pipe = load_pipeline(str(DEFAULT_OUT) if self.model == "mini_sd" else self.model)
+            add_lora(pipe, rank=self.lora_rank)
+            _PIPES[key] = pipe
+        return _PIPES[key]
+
+    def _reward(self) -> Reward:
+        from .sd import latent_reward
+
+        return latent_reward(self.pipeline(), self.image_reward())
+
+    def load(self, device: str = "cpu"):
+        from .sd import schedule_from
+        from .sd.adapter import LoRADenoiser
+
+        pipe = self.pipeline()
+        return LoRADenoiser(pipe, self.guidance).to(device).eval().requires_grad_(False), schedule_from(pipe)
+
+    def _cond(self, n: int, device: str = "cpu"):
+        from .sd.train import batch_cond
+
+        return batch_cond(self.pipeline(), list(self.prompts), n).to(device)
+
+    def train_cond(self):
+        return lambda batch, generator: self._cond(batch)
+
+    def eval_cond(self, n: int, device: str = "cpu"):
+        return self._cond(n, device)
+
+
+def _brightness():
+    from .sd.rewards import brightness
+
+    return brightness()
+
+
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0,
          why="saturates: every baseline reaches p = 1.000 in seconds (notebook 02); a sanity check, ranks nothing"),
@@ -79,6 +140,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          (2,), batch=64, lr=1e-3, ceiling=0.0,
          why="saturates: the pathwise methods put every point in the disc (reward 0) within ~30 steps, DDPO "
              "gets to -0.58 (8 s each, one seed); a 2-D check whose exact gradient is cheap"),
+    SDTask("mini_sd_brightness", "mini-SD: brightness (LoRA)", "mini_sd", None, (4, 8, 8), n_steps=10, batch=4, lr=3e-3,
+           eval_batch=16, chain=dict(spacing="leading", offset=1),
+           prompts=("a red digit seven", "a blue digit four", "a green digit three", "a yellow digit zero"),
+           image_reward=_brightness,
+           why="Stable Diffusion's path: the arena on a diffusers pipeline; brightness of 16x16 images can be hacked "
+               "(notebook 06), so it shows what each method does to the samples as much as how fast it climbs"),
 ]}
 
 

@@ -72,6 +72,22 @@ class SDDenoiser(nn.Module):
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
 
+class LoRADenoiser(SDDenoiser):
+    """An SDDenoiser whose trainable parameters are its UNet's LoRA adapter only: requires_grad_(flag) sets the
+    adapter's parameters (names with "lora_") and leaves the base weights frozen, so code that trains "the model"
+    (the arena: copy.deepcopy(base).requires_grad_(True)) trains the LoRA, as on Stable Diffusion one does."""
+
+    def __init__(self, pipe, guidance_scale: float = 1.0, cond_at: Optional[Callable] = None):
+        super().__init__(pipe, guidance_scale, cond_at)
+        if not any("lora_" in n for n, _ in self.unet.named_parameters()):
+            raise ValueError("the pipeline's UNet has no LoRA adapter (add_lora first)")
+
+    def requires_grad_(self, requires_grad: bool = True):
+        for n, p in self.named_parameters():
+            p.requires_grad_(requires_grad and "lora_" in n)
+        return self
+
+
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] (not clamped) = VAE decode of latents / scaling_factor, with graph."""
     vae = pipe.vae
