@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import replay
 from .methods import sdo
 from .methods.chain import resolve_cond
 from .rewards.base import check_reward_graph, require_differentiable
@@ -79,6 +80,9 @@ def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.
                            checkpoint=method == "full_bp_ckpt")
     opt = torch.optim.Adam([z], lr=lr)
     history, elapsed = [], 0.0
+    timed = seconds is not None
+    if timed and replay.replayed_count("optimize_latent") is not None:  # repeat a logged run's count, not its timing
+        iters, seconds = replay.replayed_count("optimize_latent"), None
     steps = range(iters)
     if progress:
         from tqdm.auto import tqdm
@@ -99,6 +103,8 @@ def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.
         history.append({"iter": i, "reward": -loss.item(), "seconds": elapsed})
         if seconds is not None and elapsed >= seconds:
             break
+    if timed:
+        replay.record_count("optimize_latent", len(history))
     with torch.no_grad():
         x0, _ = sample(model, schedule, z, tail, eta, plan_none(len(tail)), cond=c, noises=noises)
         x0 = decode(x0)

@@ -182,7 +182,7 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     return result
 
 
-TIMING = ("seconds", "time")  # metric names holding a measured duration or a ratio of durations
+TIMING = ("seconds", "time", "backward_fraction")  # metric names holding a duration or a ratio of durations
 
 
 def compare(run_a, run_b) -> tuple[list[str], int, int]:

@@ -119,15 +119,35 @@ def test_a_logged_budget_replays_to_identical_numbers(tmp_path, monkeypatch):
 
     task, log = _tiny_task(), tmp_path / "steps.jsonl"
     monkeypatch.setenv(replay.STEPS_LOG, str(log))
-    monkeypatch.setitem(replay._calls, "n", 0)
+    monkeypatch.setattr(replay, "_calls", {})
     a = arena.run(["full_bp", "ddpo"], task, seconds=0.3, seeds=[0], evals=2, progress=False)
     assert [json.loads(line)["steps"] for line in log.read_text().splitlines()] == [a["steps"]]
     monkeypatch.setenv(replay.STEPS_LOG, str(tmp_path / "second.jsonl"))
     monkeypatch.setenv(replay.STEPS_REPLAY, str(log))
-    monkeypatch.setitem(replay._calls, "n", 0)
+    monkeypatch.setattr(replay, "_calls", {})
     monkeypatch.setattr(arena, "probe", lambda *a, **k: pytest.fail("a replayed run must not time its methods"))
     b = arena.run(["full_bp", "ddpo"], task, seconds=99.0, seeds=[0], evals=2, progress=False)
     assert b["steps"] == a["steps"]
     assert [r["curve"]["reward"] for r in a["runs"]] == [r["curve"]["reward"] for r in b["runs"]]
-    with pytest.raises(ValueError, match="entry 1 does not match"):  # the log holds one run, this is a second
+    with pytest.raises(ValueError, match="logged 1 arena count"):  # the log holds one run, this is a second
         arena.run(["full_bp"], task, seconds=0.3, seeds=[0], evals=1, progress=False)
+
+
+def test_a_time_budgeted_latent_optimisation_replays_its_iteration_count(tmp_path, monkeypatch):
+    from minialign import replay
+    from minialign.latent import optimize_latent
+    from minialign.rewards import target_region
+    from minialign.toy import store
+
+    net, sch, _ = store.load("gmm")
+    kw = dict(shape=(2,), batch=8, n_steps=5, method="sdo", iters=1000, seconds=0.05, seed=0)
+    log = tmp_path / "steps.jsonl"
+    monkeypatch.setenv(replay.STEPS_LOG, str(log))
+    monkeypatch.setattr(replay, "_calls", {})
+    _, _, h1 = optimize_latent(net, sch, target_region((0.0, 0.0), radius=0.15), **kw)
+    assert json.loads(log.read_text())["count"] == len(h1) - 1  # the iterations done, the final evaluation aside
+    monkeypatch.setenv(replay.STEPS_REPLAY, str(log))
+    monkeypatch.setenv(replay.STEPS_LOG, str(tmp_path / "second.jsonl"))
+    monkeypatch.setattr(replay, "_calls", {})
+    _, _, h2 = optimize_latent(net, sch, target_region((0.0, 0.0), radius=0.15), **{**kw, "seconds": 1e-9})
+    assert [r["reward"] for r in h2] == [r["reward"] for r in h1]  # the count, not the (tiny) budget, decided
