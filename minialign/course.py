@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbformat
 
-from .repro import NOTEBOOKS, _kernel_options, notebook_names
+from .repro import NOTEBOOKS, _kernel_options, no_widget_sync, notebook_names
 
 SETUP_TAG = "exercise-setup"
 INSTALL = 'the course kit needs nbgrader: pip install -e ".[course]"'
@@ -140,8 +140,9 @@ def run(nb, cwd, timeout: int = 600) -> nbformat.NotebookNode:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     nb = copy.deepcopy(nb)
     with tempfile.TemporaryDirectory(prefix="minialign-kernel-") as sockets:  # the kernel's IPC sockets
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, startup_timeout=120,
-                       resources={"metadata": {"path": str(cwd)}}, **_kernel_options(sockets)).execute()
+        with no_widget_sync():
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, startup_timeout=120,
+                           resources={"metadata": {"path": str(cwd)}}, **_kernel_options(sockets)).execute()
     return nb
 
 

@@ -126,6 +126,22 @@ def _kernel_options(folder: str) -> dict:
     return {"config": Config({"KernelManager": {"transport": "ipc", "ip": ip}})}
 
 
+class no_widget_sync:
+    """nbclient's handler of ipywidgets' Output widget (`interact` uses one) off: its outputs land in the cell. On, it
+    sends comm messages on the shell channel while the client awaits the cell's reply there; here that lost the
+    reply three times (notebooks 02 and 04, cpu and smoke: kernel idle, client waiting forever)."""
+
+    def __enter__(self):
+        from nbclient.client import NotebookClient
+
+        self.saved = NotebookClient.on_comm_open_jupyter_widget
+        NotebookClient.on_comm_open_jupyter_widget = lambda client, msg: None
+        return self
+
+    def __exit__(self, *exc):
+        __import__("nbclient.client", fromlist=["NotebookClient"]).NotebookClient.on_comm_open_jupyter_widget = self.saved
+
+
 def _set_env(values: dict) -> None:
     for k, v in values.items():
         if v is None:
@@ -157,11 +173,12 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     sockets = tempfile.TemporaryDirectory(prefix="minialign-kernel-")
     try:
         _set_env(env)
-        pm.execute_notebook(
-            str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
-            parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
-            kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(sockets.name),
-        )
+        with no_widget_sync():
+            pm.execute_notebook(
+                str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+                parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
+                kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(sockets.name),
+            )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
     finally:

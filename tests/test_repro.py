@@ -118,3 +118,16 @@ def test_compare_names_each_differing_metric_and_skips_timing(tmp_path):
     assert diffs == ["nb.reward: 0.5 vs 0.6"] and same == 1 and timed == 2
     assert repro.main(["--compare", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
     assert repro.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+
+
+def test_output_widgets_are_left_to_the_cell_while_a_notebook_runs():
+    """repro.no_widget_sync: nbclient's Output-widget handler (which talks to the kernel on the shell channel mid-cell)
+    is off inside the context and back afterwards."""
+    from nbclient.client import NotebookClient
+
+    msg = {"content": {"comm_id": "c", "data": {"state": {"_model_module": "@jupyter-widgets/output",
+                                                           "_model_name": "OutputModel", "outputs": []}}}}
+    client = NotebookClient(nbformat.v4.new_notebook())
+    with repro.no_widget_sync():
+        assert client.on_comm_open_jupyter_widget(msg) is None
+    assert client.on_comm_open_jupyter_widget(msg) is not None
