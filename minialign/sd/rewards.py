@@ -30,10 +30,7 @@ import torch.nn.functional as F
 
 from ..rewards import Reward, classifier_reward
 from ..rewards import jpeg_compressibility as _jpeg
-
-# mini-SD's palette (minialign.sd.mini_data.COLOURS: the colours its captions name), max component 1
-COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.3, 1.0), "yellow": (1.0, 1.0, 0.0),
-           "purple": (0.7, 0.0, 1.0), "white": (1.0, 1.0, 1.0)}
+from .mini_data import COLOURS  # mini-SD's palette (the colours its captions name), max component 1
 
 
 def _check(x: torch.Tensor):
