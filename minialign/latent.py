@@ -81,8 +81,9 @@ def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.
     opt = torch.optim.Adam([z], lr=lr)
     history, elapsed = [], 0.0
     timed = seconds is not None
-    if timed and replay.replayed_count("optimize_latent") is not None:  # repeat a logged run's count, not its timing
-        iters, seconds = replay.replayed_count("optimize_latent"), None
+    logged = replay.replayed_count("optimize_latent") if timed else None
+    if logged is not None:  # repeat a logged run's count, not its timing
+        iters, seconds = logged, None
     steps = range(iters)
     if progress:
         from tqdm.auto import tqdm
