@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .schedule import Schedule, q_sample
+from minialign.schedule import Schedule, q_sample
 
 
 def wasserstein_1d(px: torch.Tensor, py: torch.Tensor, p: int = 2) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .schedule import Schedule, prev_timesteps, step_coefficients
+from minialign.schedule import Schedule, prev_timesteps, step_coefficients
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 

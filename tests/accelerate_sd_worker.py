@@ -12,8 +12,8 @@ import torch
 from accelerate import Accelerator
 
 from minialign.sd import add_lora, tiny_pipeline
-from minialign.sd.rewards import brightness
-from minialign.sd.train import build_sd
+from minialign.rewards.image import brightness
+from minialign.sd.build import build_sd
 from minialign.train import TrainConfig, train
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign import arena, methods, tasks
+from minialign.measure import arena, tasks
+
+from minialign import methods
 from minialign.rewards import Reward, jpeg_compressibility, target_region
 
 ROOT = Path(__file__).resolve().parents[1] / "minialign"
@@ -115,8 +117,7 @@ def test_tasks_load_and_their_rewards_score_the_pretrained_model():
 
 def test_a_logged_budget_replays_to_identical_numbers(tmp_path, monkeypatch):
     """repro --replay-steps: the second run takes the first run's step counts from the log, not from its own timing."""
-    from minialign import replay
-
+    from minialign.measure import replay
     task, log = _tiny_task(), tmp_path / "steps.jsonl"
     monkeypatch.setenv(replay.STEPS_LOG, str(log))
     monkeypatch.setattr(replay, "_calls", {})
@@ -134,8 +135,8 @@ def test_a_logged_budget_replays_to_identical_numbers(tmp_path, monkeypatch):
 
 
 def test_a_time_budgeted_latent_optimisation_replays_its_iteration_count(tmp_path, monkeypatch):
-    from minialign import replay
-    from minialign.latent import optimize_latent
+    from minialign.measure import replay
+    from minialign.methods.sdo_latent import optimize_latent
     from minialign.rewards import target_region
     from minialign.toy import store
 

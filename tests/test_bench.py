@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from minialign import bench
+from minialign.measure import bench
 from minialign.methods import REGISTRY, build
 
 KEYS = {"method", "description", "seconds", "times", "saved_bytes", "peak_saved_bytes", "peak_mb", "time_vs_full_bp", "time_vs_nograd",
@@ -62,8 +62,7 @@ def test_bench_on_toy2d_has_every_registered_method_and_key(tmp_path, capsys):
 
 def test_bench_builds_each_method_as_the_registry_and_the_arena_do():
     """The same config gives the same loss on the same seed, whichever front built it."""
-    from minialign import arena, tasks
-
+    from minialign.measure import arena, tasks
     net, schedule, reward, shape, cond, _ = bench.setup("toy2d")
     net = net.double()
     task = tasks.Task("t", "t", "gmm", lambda: reward, shape, n_steps=4, batch=8)

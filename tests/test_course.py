@@ -11,8 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from minialign import course, repro
-
+from minialign.kit import course, repro
 NAMES = repro.notebook_names()
 
 

@@ -1,10 +1,10 @@
-"""The gradient-plan picture follows the sampler's plans (minialign.figures)."""
+"""The gradient-plan picture follows the sampler's plans (minialign.kit.figures)."""
 import matplotlib
 
 matplotlib.use("Agg")
 import pytest  # noqa: E402
 
-from minialign import figures  # noqa: E402
+from minialign.kit import figures  # noqa: E402
 from minialign.sampling import plan_full, plan_one_step, plan_truncated  # noqa: E402
 
 

@@ -4,8 +4,7 @@ import json
 import pytest
 import yaml
 
-from minialign import repro
-
+from minialign.kit import repro
 NAMES = repro.notebook_names()
 
 

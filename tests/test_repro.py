@@ -4,8 +4,7 @@ import json
 import nbformat
 import pytest
 
-from minialign import repro, report
-
+from minialign.kit import repro, report
 NAME = "00_tiny"
 
 
@@ -22,7 +21,7 @@ def tiny(tmp_path, monkeypatch):
                                   metadata={"tags": ["parameters"]}),
         nbformat.v4.new_markdown_cell("# Tiny\n## A line to look at\nText."),
         nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [0, scale])\nplt.show()"),
-        nbformat.v4.new_code_cell("from minialign.repro import save_metrics\n"
+        nbformat.v4.new_code_cell("from minialign.kit.repro import save_metrics\n"
                                   'save_metrics({"gain": 2.0 * scale, "loss": 0.5, "extra": 7.0}, metrics_out)'),
     ]
     nbformat.write(nb, notebooks / f"{NAME}.ipynb")

@@ -1,10 +1,9 @@
-"""minialign.results: the claims table's rules on hand-made metrics, missing notebooks, the loader."""
+"""minialign.kit.results: the claims table's rules on hand-made metrics, missing notebooks, the loader."""
 import json
 
 import pytest
 
-from minialign import results
-
+from minialign.kit import results
 GOOD = {
     "01_sft_pg": {"swd_after_over_many_step": 0.9, "swd_after_over_floor": 1.1},
     "03_rlr": {"arena_rlr_final": 0.6, "arena_draft_1_final": 0.5, "arena_alignprop_final": 0.4, "arena_ddpo_final": 0.1,

@@ -6,8 +6,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from minialign import budget
-from minialign.lab import flat_grad
+from minialign.methods import rlr_budget as budget
+from minialign.measure.lab import flat_grad
 from minialign.methods import build, full_bp, rlr
 from minialign.rewards import Reward, component_log_density
 from minialign.sampling import sample

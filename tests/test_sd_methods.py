@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from minialign.latent import optimize_latent
-from minialign.memory import saved_bytes
+from minialign.methods.sdo_latent import optimize_latent
+from minialign.measure.memory import saved_bytes
 from minialign.methods import REGISTRY
 from minialign.methods.shortft import ShortFTConfig
 from minialign.sd import SDDenoiser, add_lora, decode, schedule_from, tiny_pipeline
-from minialign.sd import rewards as R
-from minialign.sd.train import (FixedPrompt, autocast_loss, batch_cond, build_sd, chain_of, distil_shortcut,
+from minialign.rewards import image as R
+from minialign.sd.build import (FixedPrompt, autocast_loss, batch_cond, build_sd, chain_of, distil_shortcut,
                                 encode_images, latent_shape, sample_latents)
 from minialign.train import TrainConfig, train
 
@@ -110,7 +110,7 @@ def test_fixed_prompt_and_build_errors(shortcut):
 
 
 def test_sdo_optimises_the_latent_through_the_vae():
-    """minialign.latent.optimize_latent (SDO: first step's UNet call with graph, skip path after) on the adapter with
+    """minialign.methods.sdo_latent.optimize_latent (SDO: first step's UNet call with graph, skip path after) on the adapter with
     the VAE decoder: brightness rises over 8 iterations, the model gets no gradient."""
     pipe = _pipe()
     z, x0, hist = optimize_latent(SDDenoiser(pipe, 2.0), schedule_from(pipe), R.brightness(), shape=latent_shape(pipe), batch=2,
@@ -199,7 +199,7 @@ def test_accelerate_launch_two_processes_end_with_identical_lora(tmp_path):
 def test_sd15_configs_build_on_the_meta_device_at_sd15_size():
     """The GPU bench's model: SD 1.5's UNet and VAE from config only, without memory (meta device); their parameter
     counts are SD 1.5's published ones (UNet 859,520,964; VAE 83,653,863)."""
-    from minialign.sd.bench import sd15_parts
+    from minialign.measure.sd_bench import sd15_parts
 
     with torch.device("meta"):
         parts = sd15_parts()
@@ -212,9 +212,9 @@ def test_sd15_configs_build_on_the_meta_device_at_sd15_size():
 
 
 def test_sd_bench_measures_each_method_against_checkpointed_full_backprop():
-    """minialign.sd.bench.run on the tiny pipeline, one round: every asked method plus the two references, ratios
+    """minialign.measure.sd_bench.run on the tiny pipeline, one round: every asked method plus the two references, ratios
     against them (the reference's own ratio is 1), saved bytes (none for the no-grad chain)."""
-    from minialign.sd.bench import format_table, run
+    from minialign.measure.sd_bench import format_table, run
 
     res = run(model="tiny", n_steps=10, batch=1, methods=("draft_1", "shortft"), rounds=1)
     rows = {r["method"]: r for r in res["rows"]}
@@ -231,8 +231,7 @@ def test_the_arena_runs_on_mini_sd_and_trains_only_the_lora():
     """tasks.SDTask: the arena's protocol on the shipped mini-SD (LoRA rank 4, guidance 3, brightness of the decoded
     image). Two methods, 3 steps each: every run trains the LoRA only (the shared pipeline's weights and adapter stay
     as loaded), and DRaFT-1's evaluation reward rises above the pretrained model's."""
-    from minialign import arena, tasks
-
+    from minialign.measure import arena, tasks
     task = tasks.get("mini_sd_brightness")
     pipe = task.pipeline()
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}

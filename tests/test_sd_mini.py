@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from minialign.sd import load_pipeline, mini, mini_data
-
-
 def test_captions():
     assert mini_data.caption(7, "red") == "a red digit seven"
     caps = mini_data.all_captions()

@@ -1,5 +1,5 @@
 """Image rewards on SD images [B, 3, H, W] in [-1, 1]: weight-free ones against hand-computed values and finite
-differences; learned ones (minialign.sd.learned) through their real loading code on tiny random stand-ins."""
+differences; learned ones (minialign.rewards.learned) through their real loading code on tiny random stand-ins."""
 import io
 
 import numpy as np
@@ -10,9 +10,7 @@ from PIL import Image
 from minialign.methods import build
 from minialign.rewards import classifier_reward
 from minialign.schedule import Schedule
-from minialign.sd import rewards as R
-
-
+from minialign.rewards import image as R
 def _img(*rgb, h=4, w=4):
     """A uniform image [1, 3, h, w] with the given channel values."""
     return torch.tensor(rgb, dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, h, w).clone()
@@ -103,7 +101,6 @@ def test_differentiable_rewards_match_finite_differences(make):
 
 def test_prompt_lookup_maps_each_row_to_its_prompt():
     from minialign.sd import encode_prompt, tiny_pipeline
-
     pipe = tiny_pipeline()
     prompts = ["a red digit seven", "a blue digit one"]
     lookup = R.prompt_lookup(pipe, prompts, [7, 1])
@@ -147,7 +144,7 @@ def test_clip_preprocess_matches_clip_image_processor():
     rounds to uint8: measured max 0.017 in normalised units on a smooth ramp, tolerance 0.05 (values span -1.8..2.1)."""
     from transformers import CLIPImageProcessor
 
-    from minialign.sd.learned import clip_preprocess
+    from minialign.rewards.learned import clip_preprocess
 
     proc = CLIPImageProcessor(do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
                               crop_size={"height": 224, "width": 224}, do_convert_rgb=True)
@@ -164,7 +161,7 @@ def test_clip_preprocess_matches_clip_image_processor():
 def test_aesthetic_loads_from_disk_and_scores_like_its_parts(tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
-    from minialign.sd.learned import AestheticHead, aesthetic, clip_preprocess
+    from minialign.rewards.learned import AestheticHead, aesthetic, clip_preprocess
 
     torch.manual_seed(0)
     vision = CLIPVisionModelWithProjection(_tiny_vision_config(projection_dim=768))
@@ -187,7 +184,7 @@ def test_pickscore_equals_clip_logits_per_image(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
     from minialign.sd import make_tokenizer
-    from minialign.sd.learned import clip_preprocess, pickscore
+    from minialign.rewards.learned import clip_preprocess, pickscore
 
     tok = make_tokenizer()
     text_cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -213,7 +210,7 @@ def test_pickscore_equals_clip_logits_per_image(tmp_path):
 def test_missing_weights_fail_fast_with_how_to_get_them(tmp_path, monkeypatch):
     import time
 
-    from minialign.sd.learned import aesthetic, load_aesthetic_head, pickscore
+    from minialign.rewards.learned import aesthetic, load_aesthetic_head, pickscore
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
@@ -228,7 +225,7 @@ def test_missing_weights_fail_fast_with_how_to_get_them(tmp_path, monkeypatch):
 
 def test_image_reward_and_hpsv2_say_how_to_install_their_extra():
     """Their packages (image-reward, open_clip_torch) pull in torchvision: never installed here; the error says so."""
-    from minialign.sd.learned import hpsv2, image_reward
+    from minialign.rewards.learned import hpsv2, image_reward
 
     for fn, pkg in ((image_reward, "image-reward"), (hpsv2, "open_clip_torch")):
         with pytest.raises(ImportError, match=rf"needs the `{pkg}` package.*torchvision.*\[hps\]"):

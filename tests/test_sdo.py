@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from minialign.bench import saved_bytes
-from minialign.latent import optimize_latent
+from minialign.measure.bench import saved_bytes
+from minialign.methods.sdo_latent import optimize_latent
 from minialign.methods import full_bp, get, sdo, truncated_bp
 from minialign.methods.chain import chain_timesteps
 from minialign.rewards import component_log_density, jpeg_compressibility

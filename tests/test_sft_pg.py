@@ -8,7 +8,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from minialign.lab import sft_pg_gradient_samples as gradient_samples
+from minialign.measure.lab import sft_pg_gradient_samples as gradient_samples
 from minialign.layers import MLPCritic, StepBaseline
 from minialign.methods.sft_pg import SFTPG, SFTPGConfig, fit, loss_fn
 from minialign.metrics import denoising_error

@@ -12,7 +12,7 @@ from minialign.methods.chain import chain_timesteps, draw_start
 from minialign.rewards import component_log_density, jpeg_compressibility
 from minialign.sampling import plan_full, sample
 from minialign.schedule import Schedule
-from minialign.shortcut import ExactJump, Shortcut
+from minialign.methods.shortcut import ExactJump, Shortcut
 from minialign.toy.models import MLPDenoiser
 from minialign.train import TrainConfig, train
 
@@ -154,7 +154,7 @@ def test_bad_input_is_refused():
     net, sch = _toy()
     cfg = shortft.ShortFTConfig(**CFG)
     make = lambda **kw: shortft.make_loss(sch, kw.pop("reward", REWARD), kw.pop("cfg", cfg), shape=SHAPE, **kw)  # noqa: E731
-    with pytest.raises(ValueError, match="python -m minialign.shortcut"):
+    with pytest.raises(ValueError, match="python -m minialign.methods.shortcut"):
         make()
     with pytest.raises(ValueError, match="require grad"):
         make(shortcut=Shortcut(copy.deepcopy(net), {44: 29, 24: 14, 9: 4}))
@@ -173,11 +173,11 @@ def test_bad_input_is_refused():
 
 def test_registered_and_built_with_the_shipped_shortcut():
     pytest.importorskip("safetensors")
-    from minialign import shortcut as sc_mod
+    from minialign.methods import shortcut as sc_mod
     from minialign.toy import store
 
     if not (store.DATA_DIR / "shortcut_gmm.safetensors").exists():
-        pytest.skip("no shipped shortcut_gmm (python -m minialign.shortcut gmm)")
+        pytest.skip("no shipped shortcut_gmm (python -m minialign.methods.shortcut gmm)")
     base, sch, _ = store.load("gmm")
     m = methods.get("shortft")
     loss_fn, cfg = methods.build("shortft", sch, REWARD, shape=SHAPE, extra=m.extra("gmm"), batch=8)
@@ -197,7 +197,7 @@ def test_registered_and_built_with_the_shipped_shortcut():
 
 
 def test_distillation_beats_the_base_one_step_jump_and_round_trips(tmp_path):
-    from minialign import shortcut as sc_mod
+    from minialign.methods import shortcut as sc_mod
     from minialign.toy import store
 
     if not (store.DATA_DIR / "gmm.safetensors").exists():
@@ -212,12 +212,12 @@ def test_distillation_beats_the_base_one_step_jump_and_round_trips(tmp_path):
     torch.testing.assert_close(back(x, t), sc(x, t))
     with pytest.raises(ValueError, match="recipe"):
         sc_mod.distil("gmm", steps=1, poool=5)
-    with pytest.raises(FileNotFoundError, match="python -m minialign.shortcut"):
+    with pytest.raises(FileNotFoundError, match="python -m minialign.methods.shortcut"):
         sc_mod.load("digits", tmp_path)
 
 
 def test_few_step_loss_is_full_backprop_through_the_shortcut_sampler():
-    from minialign.shortcut import few_step_loss
+    from minialign.methods.shortcut import few_step_loss
 
     net, sch = _toy()
     steps = (49, 29, 9)

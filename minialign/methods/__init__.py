@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from . import chain  # noqa: F401  (first: the method files import it)
-from . import ddpo, full_bp, refl, rlr, sdo, sft_pg, shortft, truncated_bp
+from minialign.methods import chain  # noqa: F401  (first: the method files import it)
+from minialign.methods import ddpo, full_bp, refl, rlr, sdo, sft_pg, shortft, truncated_bp
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("refl", "ReFL", refl.ReFLConfig, refl.make_loss, "one graph step at a random late t, reward on x0_hat (Xu et al. 2023)"),
     Method("shortft", "ShortFT", shortft.ShortFTConfig, shortft.make_loss,
            "trainable base steps alternating with frozen shortcut jumps, end-to-end backprop (Guo et al. 2025)",
-           extra=lambda model: __import__("minialign.shortcut", fromlist=["shipped"]).shipped(model)),
+           extra=lambda model: __import__("minialign.methods.shortcut", fromlist=["shipped"]).shipped(model)),
     Method("sdo", "SDO", sdo.SDOConfig, sdo.make_loss, "one retained graph step (random k), the linear skip path elsewhere (Dou et al. 2025)"),
     Method("rlr", "RLR", rlr.RLRConfig, rlr.make_loss, "FO last step + HO sub-chain (h = 2) + inherent-noise ZO elsewhere (Ren et al. 2025)"),
     Method("rlr_released", "RLR (released code)", rlr.RLRConfig, rlr.make_loss, "FO + 2 single-step PG terms, no HO/ZO", defaults=dict(variant="released")),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedule import SPACINGS, timesteps
+from minialign.schedule import SPACINGS, timesteps
 
 
 @dataclass

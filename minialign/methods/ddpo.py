@@ -51,9 +51,9 @@ from typing import Optional
 
 import torch
 
-from ..sampling import gaussian_log_prob, sample, step_mean
-from ..schedule import prev_timesteps, step_coefficients
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.sampling import gaussian_log_prob, sample, step_mean
+from minialign.schedule import prev_timesteps, step_coefficients
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 ADVANTAGES = ("batch", "per_condition")
 

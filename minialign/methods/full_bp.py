@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import plan_full, sample
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import plan_full, sample
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import plan_none, predict_x0, sample
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import plan_none, predict_x0, sample
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 
 @dataclass

@@ -70,10 +70,10 @@ from typing import Optional
 import torch
 from torch.func import functional_call
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import gaussian_log_prob, plan_full, sample, transition_log_prob
-from ..schedule import prev_timesteps, step_coefficients
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import gaussian_log_prob, plan_full, sample, transition_log_prob
+from minialign.schedule import prev_timesteps, step_coefficients
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 ZO = ("inherent", "perturb", "none")
 J_DISTS = ("uniform", "range", "weighted", "grad_norm")

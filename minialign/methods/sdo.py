@@ -42,10 +42,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import plan_full, plan_one_step, sample
-from ..schedule import prev_timesteps, step_coefficients
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import plan_full, plan_one_step, sample
+from minialign.schedule import prev_timesteps, step_coefficients
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 RETAINED = ("first", "last", "random")
 

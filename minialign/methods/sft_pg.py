@@ -53,10 +53,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import MLPCritic, StepBaseline, gradient_penalty
-from ..sampling import plan_none, sample, transition_log_prob
-from ..schedule import Schedule, prev_timesteps
-from .chain import ChainConfig, chain_timesteps
+from minialign.layers import MLPCritic, StepBaseline, gradient_penalty
+from minialign.sampling import plan_none, sample, transition_log_prob
+from minialign.schedule import Schedule, prev_timesteps
+from minialign.methods.chain import ChainConfig, chain_timesteps
 
 
 @dataclass
@@ -312,7 +312,7 @@ def make_loss(schedule, reward, cfg: SFTPGConfig, *, shape, cond=None, data=None
 
 def fit(model: SFTPG, critic_steps: int, seed: int = 0, callback=None, log_every: int = 1, progress: bool = True, **kw):
     """Run SFT-PG for `critic_steps` critic iterations (plus the interleaved generator steps) with train()."""
-    from ..train import TrainConfig, train
+    from minialign.train import TrainConfig, train
 
     cycles = -(-critic_steps // model.config.n_critic)
     cfg = TrainConfig(steps=cycles * model.cycle, lr=model.config.lr, seed=seed, batch=model.config.batch,

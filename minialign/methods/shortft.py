@@ -3,7 +3,7 @@
 Full backprop through an N-step chain is costly (N graph-carrying network calls) and truncating it (DRaFT-K)
 drops the early steps' contribution. ShortFT keeps an end-to-end path from the reward back to an early
 timestep but SHORTENS it: a frozen, trajectory-preserving few-step model (the "shortcut", the authors use
-Hyper-SD's 4-step LoRA for SD1.5; here `minialign.shortcut` distils one from the base model) jumps over
+Hyper-SD's 4-step LoRA for SD1.5; here `minialign.methods.shortcut` distils one from the base model) jumps over
 whole segments of the base chain in one step, and only a few base steps in between are trainable.
 
 The training chain (a reconstruction: no code was released). With anchors t^(1) > ... > t^(m) (timesteps of
@@ -27,7 +27,7 @@ Inference is the ordinary chain of the tuned base model (`inference`; it takes n
 `model` requires grad.
 
 Deviations from the paper, named:
-- the shortcut is distilled here (minialign.shortcut), not Hyper-SD; its jumps are one DDIM step of a
+- the shortcut is distilled here (minialign.methods.shortcut), not Hyper-SD; its jumps are one DDIM step of a
   fine-tuned copy of the base network, valid only for the segments it was distilled on;
 - the jumps are deterministic (eta = 0) whatever cfg.eta says (the shortcut imitates the DDIM ODE).
 
@@ -57,14 +57,14 @@ from typing import NamedTuple
 
 import torch
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import StepPlan, plan_none, sample
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import StepPlan, plan_none, sample
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 PAPER_ANCHORS = (761, 501, 261, 1)  # the paper's trainable base steps, on a 1000-step scale
 TLORA = ("off", "separate", "stacked")
-HOW_TO_MAKE = ("make one with `python -m minialign.shortcut NAME` (NAME = the base checkpoint, e.g. digits or gmm) "
-               "and load it with `minialign.shortcut.load(NAME)`")
+HOW_TO_MAKE = ("make one with `python -m minialign.methods.shortcut NAME` (NAME = the base checkpoint, e.g. digits or gmm) "
+               "and load it with `minialign.methods.shortcut.load(NAME)`")
 
 
 @dataclass
@@ -218,7 +218,7 @@ def check_shortcut(shortcut, pieces) -> None:
     missing = [(a, b) for a, b in jumps(pieces) if segments.get(a) != b]
     if missing:
         raise ValueError(f"shortcut was distilled for the jumps {sorted(segments.items(), reverse=True)}, but this "
-                         f"chain and anchors need {missing}; distil one for this chain (minialign.shortcut) or "
+                         f"chain and anchors need {missing}; distil one for this chain (minialign.methods.shortcut) or "
                          "change anchors / n_steps / spacing / offset")
 
 
@@ -243,7 +243,7 @@ def short_chain(model, shortcut, schedule, pieces, x_T, eta: float = 0.0, cond=N
 def make_loss(schedule, reward, cfg: ShortFTConfig, *, shape, cond=None, shortcut=None):
     """loss_fn(model, step, generator) -> (-mean reward on the short chain's x_0, stats).
 
-    shortcut: the frozen few-step model (required; `minialign.shortcut.load(NAME)`), a denoiser with a
+    shortcut: the frozen few-step model (required; `minialign.methods.shortcut.load(NAME)`), a denoiser with a
     `segments` dict {t_a: t_b} covering this layout's jumps. With cfg.tlora the model must carry `add_tlora`'s
     adapters; with cfg.progressive the layout at `step` starts at anchor `stage_anchors(step, ...)`.
     stats: reward (on the short training chain), graph_calls (network calls that keep a graph: trainable base

@@ -36,10 +36,10 @@ from typing import Optional
 
 import torch
 
-from ..rewards.base import require_differentiable, reward_with_graph
-from ..sampling import plan_full, plan_none, plan_truncated, sample
-from ..schedule import q_sample
-from .chain import ChainConfig, chain_timesteps, draw_start
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import plan_full, plan_none, plan_truncated, sample
+from minialign.schedule import q_sample
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 
 VARIANTS = ("draft", "alignprop", "draft_lv")
 _NAMES = {"draft": "DRaFT-K", "alignprop": "AlignProp", "draft_lv": "DRaFT-LV"}

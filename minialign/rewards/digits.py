@@ -15,7 +15,7 @@ import io
 import numpy as np
 import torch
 
-from .base import Reward
+from minialign.rewards.base import Reward
 
 
 def _check_images(x: torch.Tensor):
@@ -41,7 +41,7 @@ def classifier_reward(target: int | None = 0, classifier=None, log: bool = False
     if label_offset and target is not None:
         raise ValueError(f"label_offset={label_offset} shifts the conditioning label: it needs target=None")
     if classifier is None:
-        from ..toy.store import load
+        from minialign.toy.store import load
 
         classifier = load("classifier")[0]
     classifier.eval().requires_grad_(False)

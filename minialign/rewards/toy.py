@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from ..toy.data import gmm_centres
-from .base import Reward
+from minialign.toy.data import gmm_centres
+from minialign.rewards.base import Reward
 
 
 def _check_points(x: torch.Tensor):

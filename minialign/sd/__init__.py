@@ -8,11 +8,11 @@
 
 diffusers and transformers import lazily (inside the functions that need them).
 """
-from .adapter import (LORA_TARGETS, SDDenoiser, add_lora, decode, encode_prompt, final_timestep_of, latent_reward, load_pipeline,
+from minialign.sd.adapter import (LORA_TARGETS, SDDenoiser, add_lora, decode, encode_prompt, final_timestep_of, latent_reward, load_pipeline,
                       save_lora, schedule_from, timesteps_from)
-from .tiny import make_tokenizer, tiny_pipeline
-from . import rewards  # noqa: E402  weight-free image rewards; the learned ones are minialign.sd.learned (lazy)
-from .train import autocast_loss, build_sd, distil_shortcut, encode_images, sample_images, sample_latents
+from minialign.sd.tiny import make_tokenizer, tiny_pipeline
+from minialign.rewards import image as rewards  # noqa: E402  weight-free image rewards; the learned ones are minialign.rewards.learned (lazy)
+from minialign.sd.build import autocast_loss, build_sd, distil_shortcut, encode_images, sample_images, sample_latents
 
 __all__ = ["LORA_TARGETS", "SDDenoiser", "add_lora", "decode", "encode_prompt", "final_timestep_of", "latent_reward", "load_pipeline",
            "make_tokenizer", "save_lora", "schedule_from", "tiny_pipeline", "timesteps_from",

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..schedule import SPACINGS, Schedule, timesteps
+from minialign.schedule import SPACINGS, Schedule, timesteps
 
 
 def encode_prompt(pipe, prompts, negative_prompt=None) -> torch.Tensor:
@@ -96,7 +96,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 def latent_reward(pipe, image_reward, name: Optional[str] = None):
     """A reward on latents: r(z, cond) = image_reward(decode(z), cond); differentiable when image_reward is."""
-    from ..rewards import Reward
+    from minialign.rewards import Reward
 
     return Reward(lambda z, c: image_reward(decode(pipe, z), c), name or f"{getattr(image_reward, 'name', 'reward')} (decoded)",
                   getattr(image_reward, "differentiable", True))

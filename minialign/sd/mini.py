@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import mini_data
-from .tiny import make_tokenizer, text_encoder
+from minialign.sd import mini_data
+from minialign.sd.tiny import make_tokenizer, text_encoder
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "data" / "mini_sd"
 MAX_LENGTH = 8

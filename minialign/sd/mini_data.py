@@ -55,7 +55,7 @@ def tint(gray: torch.Tensor, colours) -> torch.Tensor:
 
 def dataset(split: str = "all"):
     """Every digit of `split` in every colour: (images [6N, 3, 16, 16], digits [6N], colour indices [6N], captions)."""
-    from ..toy.data import load_digits_tensors
+    from minialign.toy.data import load_digits_tensors
 
     gray, y = load_digits_tensors(split)
     names = list(COLOURS)
@@ -76,7 +76,7 @@ def to_gray8(images: torch.Tensor) -> torch.Tensor:
 def digit_of(images: torch.Tensor, classifier=None) -> torch.Tensor:
     """The digit [B] the shipped classifier reads in each image."""
     if classifier is None:
-        from ..toy.store import load
+        from minialign.toy.store import load
 
         classifier = load("classifier")[0]
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import ConditionalLinear
+from minialign.layers import ConditionalLinear
 
 
 class MLPDenoiser(nn.Module):

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..schedule import Schedule, q_sample
-from . import data, store
-from .models import DigitsClassifier, DigitsUNet, MLPDenoiser
+from minialign.schedule import Schedule, q_sample
+from minialign.toy import data, store
+from minialign.toy.models import DigitsClassifier, DigitsUNet, MLPDenoiser
 
 # name -> (dataset, schedule args, model factory, optimiser, steps, batch, lr)
 RECIPES = {

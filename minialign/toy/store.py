@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..schedule import Schedule
-from .models import MODELS
+from minialign.schedule import Schedule
+from minialign.toy.models import MODELS
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 

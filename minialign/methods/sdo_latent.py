@@ -18,12 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import replay
-from .methods import sdo
-from .methods.chain import resolve_cond
-from .rewards.base import check_reward_graph, require_differentiable
-from .sampling import plan_none, sample
-from .schedule import timesteps
+from minialign.measure import replay
+from minialign.methods import sdo
+from minialign.methods.chain import resolve_cond
+from minialign.rewards.base import check_reward_graph, require_differentiable
+from minialign.sampling import plan_none, sample
+from minialign.schedule import timesteps
 
 METHODS = ("sdo", "sdo_skip", "full_bp", "full_bp_ckpt")
 

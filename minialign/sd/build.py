@@ -12,7 +12,7 @@ What `build_sd` fills in for a method of the registry (minialign.methods):
 - SFT-PG (needs_data): `data` = real LATENTS [M, 4, h, w] (`encode_images` of real images) and one prompt: its
   trajectory buffer mixes samples across critic steps, so the prompt is baked into the denoiser (`FixedPrompt`);
 - ShortFT: a `shortcut` distilled from the pipeline itself by `distil_shortcut` (segment-wise regression onto
-  the pipeline's own DDIM trajectory, as minialign.shortcut does for the toys).
+  the pipeline's own DDIM trajectory, as minialign.methods.shortcut does for the toys).
 
 SD 1.x's last step: its DDIM scheduler has set_alpha_to_one=False, so `pipe(...)` ends at abar_0 = 1 - beta_0
 (t = 0, `final_timestep_of(pipe)` = 0), while the methods' chains end at abar = 1 (final_timestep = -1; ChainConfig
@@ -35,12 +35,12 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import methods
-from ..methods.chain import chain_timesteps
-from ..methods.shortft import ShortFTConfig, jumps, layout
-from ..sampling import plan_none, sample
-from ..schedule import step_coefficients
-from .adapter import SDDenoiser, decode, encode_prompt, final_timestep_of, latent_reward, schedule_from, timesteps_from
+from minialign import methods
+from minialign.methods.chain import chain_timesteps
+from minialign.methods.shortft import ShortFTConfig, jumps, layout
+from minialign.sampling import plan_none, sample
+from minialign.schedule import step_coefficients
+from minialign.sd.adapter import SDDenoiser, decode, encode_prompt, final_timestep_of, latent_reward, schedule_from, timesteps_from
 
 
 def latent_shape(pipe) -> tuple:
@@ -88,7 +88,7 @@ def build_sd(name: str, pipe, image_reward, prompts: Sequence[str], *, guidance_
              data: Optional[torch.Tensor] = None, shortcut=None, **overrides):
     """(denoiser, loss_fn, cfg) of registered method `name` on `pipe` (see the module docstring).
 
-    image_reward: a reward on images [B, 3, H, W] (minialign.sd.rewards / learned); it is applied to decode(z).
+    image_reward: a reward on images [B, 3, H, W] (minialign.rewards.image / learned); it is applied to decode(z).
     overrides:    the method's config fields (n_steps, batch, eta, ...); spacing/offset default to the scheduler's.
     data:         SFT-PG's real latents [M, 4, h, w]; shortcut: ShortFT's (distil_shortcut).
     """
@@ -121,12 +121,12 @@ def distil_shortcut(pipe, prompts: Sequence[str], cfg: Optional[ShortFTConfig] =
     """(Shortcut, meta): a copy of the pipeline's UNet fine-tuned so that ONE DDIM step from t_a lands where the
     pipeline's own DDIM chain (cfg's timesteps, eta = 0, same guidance) lands at t_b, for each ShortFT jump (t_a, t_b):
 
-        L(phi) = E || eps_phi(x_a, t_a, c) - (x_b^teacher - a x_a) / b ||^2        (minialign.shortcut, on latents)
+        L(phi) = E || eps_phi(x_a, t_a, c) - (x_b^teacher - a x_a) / b ||^2        (minialign.methods.shortcut, on latents)
 
     pool: teacher trajectories (x_T ~ N(0, I), prompts cycled); meta["fidelity"]: per jump, rms of the shortcut's
     jump and of the base's own one step against the teacher's endpoint, on `pool` held-out trajectories.
     """
-    from ..shortcut import Shortcut, fidelity, teacher_states
+    from minialign.methods.shortcut import Shortcut, fidelity, teacher_states
 
     cfg = cfg or ShortFTConfig(**chain_of(pipe))
     for k, v in (("steps", steps), ("batch", batch), ("pool", pool)):

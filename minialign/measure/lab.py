@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import methods as registry
-from .methods.sft_pg import SFTPG
-from .sampling import plan_full
+from minialign import methods as registry
+from minialign.methods.sft_pg import SFTPG
+from minialign.sampling import plan_full
 
 
 def flat_grad(loss: torch.Tensor, params) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Cost of one gradient step of the registered methods on a Stable Diffusion UNet with LoRA (issue 12, part 6).
 
-    python -m minialign.sd.bench --model sd15 --device cuda --json sd15.json        # SD 1.5-size, config only (GPU)
-    python -m minialign.sd.bench --model tiny --steps 20 --batch 2 --rounds 5        # the random tiny pipeline (CPU)
-    python -m minialign.sd.bench --model mini --steps 20 --batch 2                   # mini-SD (data/mini_sd)
+    python -m minialign.measure.sd_bench --model sd15 --device cuda --json sd15.json        # SD 1.5-size, config only (GPU)
+    python -m minialign.measure.sd_bench --model tiny --steps 20 --batch 2 --rounds 5        # the random tiny pipeline (CPU)
+    python -m minialign.measure.sd_bench --model mini --steps 20 --batch 2                   # mini-SD (data/mini_sd)
 
 sd15: UNet2DConditionModel and AutoencoderKL built from SD 1.5's configs with random weights (the same compute as
 the real model: cost does not depend on the weights; nothing is downloaded), 64x64 latents (512x512 images), a DDIM
@@ -13,9 +13,9 @@ One gradient step = one call of the method's loss_fn (minialign.methods registry
 backward, with the reward = mean brightness of the VAE-decoded image (the decode's cost and memory are part of every
 method's step). `nograd` = one sampling chain without graph. ShortFT's shortcut is an undistilled frozen copy of the
 UNet holding the jumps its layout needs (distillation changes its weights, not its cost). Timing and ratios as
-minialign.bench: interleaved rounds, median of per-round ratios against `nograd` and against checkpointed full
+minialign.measure.bench: interleaved rounds, median of per-round ratios against `nograd` and against checkpointed full
 backprop (`full_bp_ckpt`; plain full backprop of a 50-step SD chain does not fit in GPU memory). Memory: bytes saved
-for backward (total and live peak, minialign.memory) and, on CUDA, torch.cuda.max_memory_allocated over two steps
+for backward (total and live peak, minialign.measure.memory) and, on CUDA, torch.cuda.max_memory_allocated over two steps
 minus the memory held before them (weights, optimiser-free).
 """
 from __future__ import annotations
@@ -30,15 +30,15 @@ from types import SimpleNamespace
 
 import torch
 
-from .. import methods as registry
-from ..bench import interleaved_times
-from ..memory import peak_saved_bytes, saved_bytes
-from ..methods.chain import ChainConfig, chain_timesteps
-from ..methods.shortft import jumps, layout
-from ..sampling import plan_none, sample
-from .adapter import SDDenoiser, add_lora, latent_reward, schedule_from
-from .rewards import brightness
-from .train import chain_of, latent_shape
+from minialign import methods as registry
+from minialign.measure.bench import interleaved_times
+from minialign.measure.memory import peak_saved_bytes, saved_bytes
+from minialign.methods.chain import ChainConfig, chain_timesteps
+from minialign.methods.shortft import jumps, layout
+from minialign.sampling import plan_none, sample
+from minialign.sd.adapter import SDDenoiser, add_lora, latent_reward, schedule_from
+from minialign.rewards.image import brightness
+from minialign.sd.build import chain_of, latent_shape
 
 METHODS = ("full_bp_ckpt", "draft_1", "sdo", "shortft", "rlr", "ddpo")
 MODELS = ("tiny", "mini", "sd15")
@@ -74,8 +74,8 @@ def setup(model: str, device: str = "cpu", width=None, seed: int = 0):
         emb = torch.randn(1, 2, 77, 768)
         note = "SD 1.5 configs, random weights" + (f", width {width}" if width else "")
     elif model in ("tiny", "mini"):
-        from .adapter import encode_prompt, load_pipeline
-        from .tiny import tiny_pipeline
+        from minialign.sd.adapter import encode_prompt, load_pipeline
+        from minialign.sd.tiny import tiny_pipeline
 
         if model == "tiny":
             pipe, note = tiny_pipeline(seed), "random tiny pipeline"
@@ -95,8 +95,8 @@ def setup(model: str, device: str = "cpu", width=None, seed: int = 0):
 
 def make_steps(pipe, cond, names, n_steps: int, batch: int, guidance_scale: float, device: str, autocast=None):
     """(denoiser, {name: (step(seed) -> loss after backward, forward(seed) -> loss with graph or None)}); adds LoRA."""
-    from ..shortcut import Shortcut
-    from .train import autocast_loss
+    from minialign.methods.shortcut import Shortcut
+    from minialign.sd.build import autocast_loss
 
     schedule, shape = schedule_from(pipe), latent_shape(pipe)
     reward = latent_reward(pipe, brightness())

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .rewards import Reward, classifier_reward, target_region
+from minialign.rewards import Reward, classifier_reward, target_region
 
 
 def random_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,7 +53,7 @@ class Task:
 
     def load(self, device: str = "cpu"):
         """(pretrained model, frozen, eval mode; schedule)."""
-        from .toy import store
+        from minialign.toy import store
 
         model, schedule, _ = store.load(self.model)
         return model.to(device).eval().requires_grad_(False), schedule
@@ -86,8 +86,8 @@ class SDTask(Task):
         object.__setattr__(self, "reward", self._reward)
 
     def pipeline(self):
-        from .sd import add_lora, load_pipeline
-        from .sd.mini import DEFAULT_OUT
+        from minialign.sd import add_lora, load_pipeline
+        from minialign.sd.mini import DEFAULT_OUT
 
         key = (self.model, self.lora_rank)
         if key not in _PIPES:
@@ -97,19 +97,18 @@ class SDTask(Task):
         return _PIPES[key]
 
     def _reward(self) -> Reward:
-        from .sd import latent_reward
-
+        from minialign.sd import latent_reward
         return latent_reward(self.pipeline(), self.image_reward())
 
     def load(self, device: str = "cpu"):
-        from .sd import schedule_from
-        from .sd.adapter import LoRADenoiser
+        from minialign.sd import schedule_from
+        from minialign.sd.adapter import LoRADenoiser
 
         pipe = self.pipeline()
         return LoRADenoiser(pipe, self.guidance).to(device).eval().requires_grad_(False), schedule_from(pipe)
 
     def _cond(self, n: int, device: str = "cpu"):
-        from .sd.train import batch_cond
+        from minialign.sd.build import batch_cond
 
         return batch_cond(self.pipeline(), list(self.prompts), n).to(device)
 
@@ -121,7 +120,7 @@ class SDTask(Task):
 
 
 def _brightness():
-    from .sd.rewards import brightness
+    from minialign.rewards.image import brightness
 
     return brightness()
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from .repro import NOTEBOOKS
+from minialign.kit.repro import NOTEBOOKS
 
 SCORE = {"reproduced": 1.0, "partly": 0.5, "not": 0.0}
 NB = {"sftpg": "01_sft_pg", "base": "02_reward_gradients", "rlr": "03_rlr", "sdo": "04_sdo", "shortft": "05_shortft"}

@@ -1,7 +1,7 @@
 """ShortFT's shortcut: a few-step, trajectory-preserving student distilled from a pretrained base model.
 
-    python -m minialign.shortcut gmm        # 2-D ring of Gaussians (T = 1000): data/shortcut_gmm.*
-    python -m minialign.shortcut digits     # 8x8 digits, class-conditional UNet: data/shortcut_digits.*
+    python -m minialign.methods.shortcut gmm        # 2-D ring of Gaussians (T = 1000): data/shortcut_gmm.*
+    python -m minialign.methods.shortcut digits     # 8x8 digits, class-conditional UNet: data/shortcut_digits.*
 
 Segment-wise regression onto the teacher's own DDIM (probability-flow) trajectory. For each segment
 (t_a -> t_b) the teacher is the base model's multi-step DDIM (eta = 0) along a chain grid, whose states
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from .methods.chain import ChainConfig, chain_timesteps, draw_start
-from .methods.shortft import PAPER_ANCHORS, jumps, layout
-from .rewards.base import require_differentiable, reward_with_graph
-from .sampling import plan_full, plan_none, sample
-from .schedule import step_coefficients
-from .toy import store
+from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
+from minialign.methods.shortft import PAPER_ANCHORS, jumps, layout
+from minialign.rewards.base import require_differentiable, reward_with_graph
+from minialign.sampling import plan_full, plan_none, sample
+from minialign.schedule import step_coefficients
+from minialign.toy import store
 
 # the chains whose ShortFT jumps are distilled: the arena's tasks, bench.py's 50 steps, the paper's SD chain
 GRIDS = {"arena": ChainConfig(n_steps=20), "bench": ChainConfig(n_steps=50),
@@ -221,7 +221,7 @@ def few_step_loss(schedule, reward, *, batch: int, shape, cond=None, steps=FOUR_
 def load(name: str, data_dir: Path = store.DATA_DIR, device="cpu") -> Shortcut:
     """The shipped shortcut of base checkpoint `name` (frozen, eval mode)."""
     if not (Path(data_dir) / f"shortcut_{name}.safetensors").exists():
-        raise FileNotFoundError(f"no shortcut for {name!r} in {data_dir}; make it with `python -m minialign.shortcut {name}`")
+        raise FileNotFoundError(f"no shortcut for {name!r} in {data_dir}; make it with `python -m minialign.methods.shortcut {name}`")
     net, _, meta = store.load(f"shortcut_{name}", data_dir, device)
     return Shortcut(net, {a: b for a, b, _ in meta["segments"]}, meta).requires_grad_(False).eval()
 
@@ -237,7 +237,7 @@ def main(argv=None):
     for name in names:
         t0 = time.time()
         shortcut, meta = distil(name, args.steps, args.seed)
-        cmd = f"python -m minialign.shortcut {name}" + (f" --steps {args.steps}" if args.steps else "")
+        cmd = f"python -m minialign.methods.shortcut {name}" + (f" --steps {args.steps}" if args.steps else "")
         cmd += f" --seed {args.seed}" if args.seed else ""
         meta.update(command=cmd, seconds=round(time.time() - t0, 1), threads=torch.get_num_threads(), torch=torch.__version__)
         path = store.save(shortcut.net, f"shortcut_{name}", meta, Path(args.out))

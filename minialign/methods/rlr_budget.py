@@ -30,9 +30,9 @@ import math
 
 import torch
 
-from .bench import peak_saved_bytes, saved_bytes  # noqa: F401  (peak_saved_bytes: re-exported)
-from .sampling import plan_full, sample, transition_log_prob
-from .schedule import prev_timesteps, timesteps
+from minialign.measure.bench import peak_saved_bytes, saved_bytes  # noqa: F401  (peak_saved_bytes: re-exported)
+from minialign.sampling import plan_full, sample, transition_log_prob
+from minialign.schedule import prev_timesteps, timesteps
 
 
 def h_star(budget: float, b_h: float, b_z: float, n_steps: int) -> int:

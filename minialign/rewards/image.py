@@ -28,9 +28,9 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..rewards import Reward, classifier_reward
-from ..rewards import jpeg_compressibility as _jpeg
-from .mini_data import COLOURS  # mini-SD's palette (the colours its captions name), max component 1
+from minialign.rewards import Reward, classifier_reward
+from minialign.rewards import jpeg_compressibility as _jpeg
+from minialign.sd.mini_data import COLOURS  # mini-SD's palette (the colours its captions name), max component 1
 
 
 def _check(x: torch.Tensor):
@@ -142,7 +142,7 @@ def prompt_lookup(pipe, prompts: Sequence[str], values: Sequence, negative_promp
     cond: packed embeddings [B, 2, L, D] (encode_prompt) or [B, L, D]. A row matching no prompt (max abs
     difference > 1e-4 to every one) raises ValueError naming the prompts.
     """
-    from .adapter import encode_prompt
+    from minialign.sd.adapter import encode_prompt
 
     if len(prompts) != len(values) or not prompts:
         raise ValueError(f"prompts and values must be non-empty and of equal length, got {len(prompts)} and {len(values)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .sampling import plan_full, plan_one_step, plan_truncated
+from minialign.sampling import plan_full, plan_one_step, plan_truncated
 
 KINDS = {  # kind: (colour, legend text)
     "graph": ("#1f5fa8", "network with graph (pathwise)"),
@@ -98,7 +98,7 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.transforms import offset_copy
 
-    from .methods import REGISTRY
+    from minialign.methods import REGISTRY
 
     table = rows(n_steps, k=k)
     methods = list(DEFAULT_METHODS if methods is None else methods)

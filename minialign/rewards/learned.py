@@ -23,7 +23,7 @@ here the float image is resized by torch's bicubic interpolation without roundin
 by the interpolation kernels' difference, see tests/test_sd_rewards.py).
 
 Prompts: `text` is one string for the whole batch, a list [B], or a callable cond -> list[str] (on SD the
-conditioning is the prompt embeddings: minialign.sd.rewards.prompt_lookup(pipe, prompts, prompts) maps them back).
+conditioning is the prompt embeddings: minialign.rewards.image.prompt_lookup(pipe, prompts, prompts) maps them back).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..rewards import Reward
+from minialign.rewards import Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,0 +1,203 @@
+"""The course kit: student versions of the notebooks (with nbgrader) and a self-check for learners.
+
+    python -m minialign.course build OUT [--notebooks 00_toy_diffusion 01_sft_pg]   # instructors
+    python -m minialign.course check NOTEBOOK [--full] [--timeout S]                # self-learners
+
+An exercise is nbgrader's own format: a *solution* cell (metadata nbgrader.solution = true, its answer between
+`### BEGIN SOLUTION` and `### END SOLUTION`) followed by an autograded *test* cell (nbgrader.grade = true, asserts
+that compare the answer with the library). `build` runs nbgrader's preprocessors (ClearSolutions: the solution
+region becomes `raise NotImplementedError()`; ClearOutput; LockCells: test cells cannot be edited or deleted) on
+every notebook and writes the student versions into OUT; `nbgrader generate_assignment` does the same through
+its database, which a course without one does not need.
+
+`check` runs a notebook's exercises and reports, per exercise, pass or FAIL. By default it runs only what the
+exercises need: the first code cell (imports, seed), the `parameters` cell, any cell tagged `exercise-setup`,
+and each solution cell with its test cell, so it takes seconds. An exercise's test cell therefore needs nothing
+from the notebook's heavier cells (the convention every notebook follows). `--full` executes the whole notebook.
+Every cell runs even after a failure, so one unanswered exercise does not hide the others.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from minialign.kit.repro import NOTEBOOKS, _kernel_options, no_widget_sync, notebook_names
+
+SETUP_TAG = "exercise-setup"
+INSTALL = 'the course kit needs nbgrader: pip install -e ".[course]"'
+
+
+@dataclass
+class Exercise:
+    """One exercise: the grade id of its solution cell and the indices of its solution and test cells."""
+
+    name: str
+    solution: int
+    test: int
+
+
+def _nbgrader(cell) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def exercises(nb) -> list[Exercise]:
+    """The exercises of a notebook, in order: each graded test cell paired with the solution cell before it.
+    Raises ValueError on a test cell with no solution cell before it, or a solution cell without a test."""
+    found, pending = [], None
+    for i, cell in enumerate(nb.cells):
+        meta = _nbgrader(cell)
+        if cell.cell_type != "code" or not meta:
+            continue
+        if meta.get("solution"):
+            if pending is not None:
+                raise ValueError(f"solution cell {pending[0]!r} (cell {pending[1]}) has no autograded test cell after it")
+            pending = (meta.get("grade_id", f"cell {i}"), i)
+        elif meta.get("grade"):
+            if pending is None:
+                raise ValueError(f"test cell {meta.get('grade_id')!r} (cell {i}) follows no solution cell")
+            found.append(Exercise(pending[0], pending[1], i))
+            pending = None
+    if pending is not None:
+        raise ValueError(f"solution cell {pending[0]!r} (cell {pending[1]}) has no autograded test cell after it")
+    return found
+
+
+def read(path) -> nbformat.NotebookNode:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"notebook {str(path)!r} does not exist (give a path to an .ipynb file)")
+    return nbformat.read(path, as_version=4)
+
+
+def student_version(nb) -> nbformat.NotebookNode:
+    """The notebook with solutions stripped, outputs cleared and test cells locked, by nbgrader's preprocessors."""
+    try:
+        from nbgrader.preprocessors import ClearOutput, ClearSolutions, LockCells
+    except ImportError as e:
+        raise ImportError(INSTALL) from e
+    nb = copy.deepcopy(nb)
+    resources = {}
+    for pre in (ClearSolutions(), ClearOutput(), LockCells()):
+        nb, resources = pre.preprocess(nb, resources)
+    return nb
+
+
+def exercise_notebook(nb) -> nbformat.NotebookNode:
+    """Only what the exercises need: the first code cell, the parameters cell, cells tagged `exercise-setup`,
+    and every solution and test cell, in their order."""
+    keep = {i for ex in exercises(nb) for i in (ex.solution, ex.test)}
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    if code:
+        keep.add(code[0])
+    for i in code:
+        tags = nb.cells[i].get("metadata", {}).get("tags", [])
+        if "parameters" in tags or SETUP_TAG in tags:
+            keep.add(i)
+    out = copy.deepcopy(nb)
+    out.cells = [copy.deepcopy(nb.cells[i]) for i in sorted(keep)]
+    return out
+
+
+def build(out, names=None) -> list[Path]:
+    """Write the student version of each notebook (default: every notebook in notebooks/) into `out`."""
+    names = list(names or notebook_names())
+    known = notebook_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"notebooks must be names from {known}, got unknown {unknown}")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"out {str(out)!r} is not a writable folder ({e.strerror})") from e
+    notebooks = {name: read(NOTEBOOKS / f"{name}.ipynb") for name in names}
+    for name, nb in notebooks.items():  # all checked before anything is written
+        if not exercises(nb):
+            raise ValueError(f"no exercises found in {name}: it needs nbgrader solution cells with autograded test "
+                             "cells after them (see minialign/course.py)")
+    written = []
+    for name, nb in notebooks.items():
+        written.append(out / f"{name}.ipynb")
+        nbformat.write(student_version(nb), written[-1])
+    return written
+
+
+def run(nb, cwd, timeout: int = 600) -> nbformat.NotebookNode:
+    """Execute a notebook in a fresh kernel, every cell even after errors; returns it with outputs."""
+    from nbclient import NotebookClient
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    nb = copy.deepcopy(nb)
+    with tempfile.TemporaryDirectory(prefix="minialign-kernel-") as sockets:  # the kernel's IPC sockets
+        with no_widget_sync():
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, startup_timeout=120,
+                           resources={"metadata": {"path": str(cwd)}}, **_kernel_options(sockets)).execute()
+    return nb
+
+
+def _error(cell) -> str | None:
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "error":
+            return f"{o.get('ename')}: {o.get('evalue')}".strip()
+    return None
+
+
+def grade(nb) -> list[dict]:
+    """Per exercise of an executed notebook: {name, passed, solution_error, test_error}. An unanswered exercise's
+    solution cell runs (it defines the function); its test cell fails with the NotImplementedError it raises."""
+    return [{"name": ex.name, "passed": _error(nb.cells[ex.test]) is None,
+             "solution_error": _error(nb.cells[ex.solution]), "test_error": _error(nb.cells[ex.test])}
+            for ex in exercises(nb)]
+
+
+def check(path, full: bool = False, timeout: int = 600) -> list[dict]:
+    """Run a notebook's exercises (or, full=True, the whole notebook) and grade each one."""
+    nb = read(path)
+    if not exercises(nb):
+        raise ValueError(f"no exercises found in {path}: no nbgrader solution cell with a test cell after it")
+    return grade(run(nb if full else exercise_notebook(nb), Path(path).resolve().parent, timeout))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minialign.course", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="student versions of the notebooks (nbgrader) into OUT")
+    b.add_argument("out")
+    b.add_argument("--notebooks", nargs="+", help=f"names (default: all of {notebook_names()})")
+    c = sub.add_parser("check", help="run a notebook's exercises and report pass/FAIL per exercise")
+    c.add_argument("notebook")
+    c.add_argument("--full", action="store_true", help="execute the whole notebook, not only the exercises")
+    c.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "build":
+            for path in build(args.out, args.notebooks):
+                print(f"{path}: {len(exercises(read(path)))} exercises, solutions stripped")
+            return 0
+        results = check(args.notebook, args.full, args.timeout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        error = r["solution_error"] or r["test_error"] or ""
+        why = "" if r["passed"] else "  (not answered yet)" if error.startswith("NotImplementedError") else f"  ({error})"
+        print(f"{r['name']:<32} {'pass' if r['passed'] else 'FAIL'}{why}")
+    passed = sum(r["passed"] for r in results)
+    print(f"{passed} of {len(results)} exercises pass")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
