@@ -35,6 +35,8 @@ def test_notebook_follows_the_convention(name):
     assert len(params) == 1, "exactly one cell tagged `parameters`"
     injected = [c for c in code if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
     assert not injected, "commit notebooks without papermill's injected-parameters cell (repro --inplace drops it)"
+    paths = {k: v for k, v in nb["metadata"].get("papermill", {}).items() if k in ("input_path", "output_path")}
+    assert not paths, f"committed notebook {name} holds machine paths {paths} (repro --inplace drops them)"
     src = "".join(params[0]["source"])
     for knob in ("profile", "device", "seed", "metrics_out"):
         assert f"{knob} =" in src, f"the parameters cell must set {knob}"
