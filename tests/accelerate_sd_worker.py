@@ -31,6 +31,8 @@ def main(out: Path):
     torch.save(lora, out / f"rank{r}.pt")
     (out / f"rank{r}.json").write_text(json.dumps({"num_processes": acc.num_processes,
                                                    "rewards": [row["reward"] for row in hist]}))
+    acc.wait_for_everyone()  # join gloo's threads before exit, or a rank can abort after its work passed
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,10 @@ SCRIPT = textwrap.dedent('''
     if acc.is_main_process:
         print("PROCESSES", acc.num_processes, "MAXDIFF", (gathered - gathered[0]).abs().max().item(),
               "MOVED", (flat - torch.cat([p.flatten() for p in _model().parameters()])).abs().max().item())
+    # gloo's worker threads must be joined before the interpreter exits, or a rank can abort at exit
+    # ("terminate called without an active exception", SIGABRT) after all the work has passed
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 ''')
 
 
