@@ -99,8 +99,9 @@ class StepCoefficients:
 
 def step_coefficients(schedule: Schedule, t: int, s: int, eta: float) -> StepCoefficients:
     """Coefficients of one step from timestep t to s < t (s = -1 for the last step)."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM posterior; above 1 the variance exceeds "
+                         f"1 - abar_s and the step's mean would be clamped), got {eta}")
     if not s < t:
         raise ValueError(f"a step must go down in time: got t={t}, s={s}")
     abar_t, abar_s = schedule.abar(t), schedule.abar(s)

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from minialign.lora import add_lora  # noqa: F401  (re-exported: minialign.train.add_lora)
+
 LossFn = Callable[[torch.nn.Module, int, torch.Generator], "tuple[torch.Tensor, dict]"]
 
 
@@ -49,27 +51,6 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.ckpt_every < 0:
             raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
-
-
-def add_lora(model: torch.nn.Module, r: int = 4, target_modules=None, alpha: Optional[float] = None, seed: int = 0):
-    """Inject peft LoRA adapters into a plain torch module in place; freeze everything else.
-
-    Returns the list of trainable (LoRA) parameters. target_modules: names or suffixes of Linear/Conv2d
-    layers (default: every Linear). The adapters start as the identity (B = 0), so the model is unchanged.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if target_modules is None:
-        target_modules = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    if not target_modules:
-        raise ValueError("target_modules: the model has no Linear layer to adapt; name the layers explicitly")
-    model.requires_grad_(False)
-    torch.manual_seed(seed)
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha or r, target_modules=list(target_modules)), model)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
 
 
 def _rng_state(generator: torch.Generator) -> dict:

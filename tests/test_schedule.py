@@ -99,3 +99,32 @@ def test_config_round_trip():
 def test_bad_arguments_name_themselves(call, argname):
     with pytest.raises(ValueError, match=argname.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def test_eta_above_one_is_refused_where_diffusers_gives_nan():
+    """eta > 1 makes sigma_t^2 exceed 1 - abar_s, so the step's direction coefficient sqrt(1 - abar_s - sigma^2) is
+    imaginary: diffusers' DDIMScheduler returns NaN, and a clamp at 0 would give a wrong mean without an error."""
+    from minialign.methods.chain import ChainConfig
+
+    s = Schedule.make("linear", 1000)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2)
+    sched.set_timesteps(10)
+    x, eps = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    out = sched.step(eps, 500, x, eta=1.5, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.isnan(out).any()  # the oracle has no value there
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        step_coefficients(s, 500, 400, 1.5)
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        ChainConfig(eta=1.01)
+    step_coefficients(s, 500, 400, 1.0)  # the edges stay allowed
+    ChainConfig(eta=1.0)
+
+
+def test_chain_config_final_timestep_is_checked():
+    from minialign.methods.chain import ChainConfig
+
+    assert ChainConfig().final_timestep == -1
+    assert ChainConfig(final_timestep=0).final_timestep == 0
+    for bad in (-2, 1.0, True):
+        with pytest.raises(ValueError, match="final_timestep"):
+            ChainConfig(final_timestep=bad)

@@ -27,18 +27,24 @@ class ChainConfig:
     eta: float = 0.0           # 0 = DDIM (deterministic), 1 = DDPM posterior noise
     spacing: str = "trailing"  # timestep spacing (schedule.timesteps); trailing keeps the last step at t > 0
     offset: int = 0            # added to "leading" timesteps (1 = Stable Diffusion's steps_offset)
+    final_timestep: int = -1   # where the last step lands: -1 = abar 1 (the data); 0 = abar_0, as SD 1.x's
+                               # pipelines end (set_alpha_to_one=False; sd.final_timestep_of(pipe) gives it)
 
     def __post_init__(self):
         for name in ("batch", "n_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM; above 1 the step's variance exceeds the "
+                             f"posterior's and the mean has no real coefficient), got {self.eta}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if not isinstance(self.offset, int) or self.offset < 0:
             raise ValueError(f"offset must be an int >= 0, got {self.offset!r}")
+        if not isinstance(self.final_timestep, int) or isinstance(self.final_timestep, bool) or self.final_timestep < -1:
+            raise ValueError(f"final_timestep must be an int >= -1 (-1: the data, abar = 1; 0: SD 1.x's abar_0), "
+                             f"got {self.final_timestep!r}")
 
 
 def chain_timesteps(schedule, cfg: ChainConfig) -> list[int]:

@@ -54,6 +54,7 @@ import torch
 from minialign.sampling import gaussian_log_prob, sample, step_mean
 from minialign.schedule import prev_timesteps, step_coefficients
 from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
+from minialign.methods.estimators import standardise
 
 ADVANTAGES = ("batch", "per_condition")
 
@@ -80,20 +81,6 @@ def ppo_clip_loss(log_prob, old_log_prob, advantage, clip_range: float, adv_clip
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
-def standardise(reward: torch.Tensor, cond=None, per_condition: bool = False) -> torch.Tensor:
-    """(r - mean) / (std + 1e-8), over the batch or within groups of equal cond (population std)."""
-    adv = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-8)
-    if per_condition and cond is not None:
-        keys = cond.reshape(len(reward), -1)
-        _, group = torch.unique(keys, dim=0, return_inverse=True)
-        for g in group.unique():
-            m = group == g
-            if m.sum() >= 2:
-                r = reward[m]
-                adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
-    return adv
-
-
 def _check(cfg: DDPOConfig):
     if cfg.eta <= 0:
         raise ValueError(f"DDPO needs a stochastic chain (eta > 0; the paper uses 1), got eta={cfg.eta}")
@@ -114,7 +101,7 @@ def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference:
     """
     _check(cfg)
     ts = chain_timesteps(schedule, cfg)
-    prev = prev_timesteps(ts)
+    prev = prev_timesteps(ts, cfg.final_timestep)
     trained = [i for i in range(len(ts)) if step_coefficients(schedule, ts[i], prev[i], cfg.eta).sigma > 0]
     if not trained:
         raise ValueError(f"no stochastic step to train in timesteps {ts} with eta={cfg.eta}")
@@ -125,7 +112,7 @@ def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference:
     @torch.no_grad()
     def _collect(model, generator):
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator,
+        x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator, final_timestep=cfg.final_timestep,
                           min_sigma=cfg.min_sigma, log_probs=True)
         r = reward(x0, c).detach()
         adv = standardise(r, c, cfg.advantage == "per_condition")

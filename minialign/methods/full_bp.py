@@ -39,7 +39,7 @@ def make_loss(schedule, reward, cfg: FullBPConfig, *, shape, cond=None):
 
     def loss_fn(model, step: int, generator: torch.Generator):
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan, cond=c, generator=generator)
+        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan, cond=c, generator=generator, final_timestep=cfg.final_timestep)
         r = reward_with_graph(reward, x0, c, "full backprop")
         return -r.mean(), {"reward": r.mean().item()}
 

@@ -74,10 +74,10 @@ from minialign.rewards.base import require_differentiable, reward_with_graph
 from minialign.sampling import gaussian_log_prob, plan_full, sample, transition_log_prob
 from minialign.schedule import prev_timesteps, step_coefficients
 from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
+from minialign.methods.estimators import BASELINES, advantages
 
 ZO = ("inherent", "perturb", "none")
 J_DISTS = ("uniform", "range", "weighted", "grad_norm")
-BASELINES = ("loo", "none", "standardise")
 VARIANTS = ("paper", "released")
 
 
@@ -139,16 +139,6 @@ def _check(cfg: RLRConfig):
         w = cfg.j_weights
         if w is None or len(w) != top + 1 or min(w) < 0 or sum(w) <= 0:
             bad("j_weights", f"{top + 1} weights >= 0 (one per start j in 0..{top}) with a positive sum")
-
-
-def advantages(reward: torch.Tensor, baseline: str) -> torch.Tensor:
-    """A_b = r_b - baseline_b: 'loo' leave-one-out mean, 'none', 'standardise' (r - mean) / (std + 1e-8)."""
-    r = reward.detach()
-    if baseline == "none":
-        return r
-    if baseline == "loo":
-        return r - (r.sum() - r) / (len(r) - 1)
-    return (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
 
 
 class GradNormJ:
@@ -224,7 +214,7 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
     _check(cfg)
     require_differentiable(reward, "RLR (its FO part)")
     ts = chain_timesteps(schedule, cfg)
-    prev = prev_timesteps(ts)
+    prev = prev_timesteps(ts, cfg.final_timestep)
     n = len(ts)
     if cfg.eta > 0 and any(step_coefficients(schedule, ts[m], prev[m], cfg.eta).sigma <= 0 for m in range(n - 1)):
         raise ValueError(f"eta={cfg.eta}: a step before the last is deterministic (sigma = 0) in timesteps {ts}")
@@ -242,11 +232,11 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
         ho_steps = list(range(j, j + cfg.h)) if j >= 0 else []
         zo_steps = [m for m in range(n - 1) if m not in ho_steps] if cfg.zo != "none" and cfg.variant == "paper" else []
         with torch.no_grad():
-            x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator)
+            x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator, final_timestep=cfg.final_timestep)
             r0 = reward(x0, c)
         # FO: the last step with graph from its detached input, with its stored noise
         x0_fo, _ = sample(model, schedule, traj.states[n - 1], ts[n - 1:], cfg.eta, plan_full(1), cond=c,
-                          noises=traj.noises[n - 1:])
+                          noises=traj.noises[n - 1:], final_timestep=cfg.final_timestep)
         r = reward_with_graph(reward, x0_fo, c, "RLR (FO)")
         out, stats = {"fo": r.mean()}, {"reward": r0.mean().item(), "j": float(j)}
         if cfg.variant == "released":
@@ -285,7 +275,7 @@ def make_parts(schedule, reward, cfg: RLRConfig, *, shape, cond=None):
             seeds = {m: int(torch.randint(0, 2**62, (1,), generator=generator)) for m in zo_steps}
             denoiser, named = _perturbed(model, ts, set(zo_steps), seeds, cfg.zo_sigma)
             with torch.no_grad():
-                x0_p, _ = sample(denoiser, schedule, x_T, ts, cfg.eta, cond=c, noises=traj.noises)
+                x0_p, _ = sample(denoiser, schedule, x_T, ts, cfg.eta, cond=c, noises=traj.noises, final_timestep=cfg.final_timestep)
                 adv = (reward(x0_p, c) - r0).mean()  # the unperturbed chain's reward as baseline (paired)
                 G = [torch.zeros_like(p) for _, p in named]
                 for m in zo_steps:

@@ -124,7 +124,7 @@ def make_loss(schedule, reward, cfg: SDOConfig, *, shape, cond=None):
     def loss_fn(model, step: int, generator: torch.Generator):
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
         k = retained_index(cfg.retained, n, generator)
-        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan_one_step(n, k), cond=c, generator=generator)
+        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan_one_step(n, k), cond=c, generator=generator, final_timestep=cfg.final_timestep)
         r = reward_with_graph(reward, x0, c, "SDO")
         return -r.mean(), {"reward": r.mean().item(), "k": float(k)}
 

@@ -275,4 +275,5 @@ def inference(model, schedule, cfg: ShortFTConfig, x_T, cond=None, generator=Non
     cfg.tlora every step runs with its segment's adapters (`routes`), as in training."""
     ts = chain_timesteps(schedule, cfg)
     net = TimestepLoRA(model, routes(ts, cfg.anchors, schedule.T, cfg.tlora)) if cfg.tlora != "off" else model
-    return sample(net, schedule, x_T, ts, cfg.eta, plan_none(len(ts)), cond=cond, generator=generator)[0]
+    return sample(net, schedule, x_T, ts, cfg.eta, plan_none(len(ts)), cond=cond, generator=generator,
+                  final_timestep=cfg.final_timestep)[0]

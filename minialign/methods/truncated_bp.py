@@ -88,18 +88,19 @@ def make_loss(schedule, reward, cfg: TruncatedBPConfig, *, shape, cond=None):
             return _draft_lv(model, x_T, c, generator)
         k = int(torch.randint(1, cfg.k + 1, (1,), generator=generator).item()) if cfg.random_k else cfg.k
         plan = plan_truncated(n, k, keep_path=cfg.variant == "alignprop", checkpoint=cfg.checkpoint)
-        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan, cond=c, generator=generator)
+        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan, cond=c, generator=generator, final_timestep=cfg.final_timestep)
         r = reward_with_graph(reward, x0, c, name)
         return -r.mean(), {"reward": r.mean().item(), "k": float(k)}
 
     def _draft_lv(model, x_T, c, generator):
-        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan_none(n), cond=c, generator=generator)
+        x0, _ = sample(model, schedule, x_T, ts, cfg.eta, plan_none(n), cond=c, generator=generator, final_timestep=cfg.final_timestep)
         m, t1 = cfg.lv_samples, ts[-1]
         x0_rep = x0.detach().repeat(m, *[1] * (x0.dim() - 1))          # [m*B, ...], copy i = rows i*B..(i+1)*B
         c_rep = None if c is None else c.repeat(m, *[1] * (c.dim() - 1))
         e = torch.randn(x0_rep.shape, generator=generator, dtype=x0.dtype, device=generator.device).to(x0.device)
         x_t1 = q_sample(schedule, x0_rep, torch.full((len(x0_rep),), t1, dtype=torch.long, device=x0.device), e)
-        x0_i, _ = sample(model, schedule, x_t1, [t1], cfg.eta, plan_full(1, cfg.checkpoint), cond=c_rep, generator=generator)
+        x0_i, _ = sample(model, schedule, x_t1, [t1], cfg.eta, plan_full(1, cfg.checkpoint), cond=c_rep,
+                         generator=generator, final_timestep=cfg.final_timestep)
         r = reward_with_graph(reward, x0_i, c_rep, name)
         return -r.mean(), {"reward": r.mean().item(), "k": 1.0}
 
