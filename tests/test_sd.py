@@ -92,6 +92,32 @@ def test_per_step_conditioning_hook(base):
     assert (late - plain).abs().max() > 1e-4 and (late - other).abs().max() > 1e-4
 
 
+def test_mixed_timestep_call_routes_each_row_to_its_own_steps_prompt(base):
+    """Issue 19 item 1: one network call whose rows sit at different timesteps (RLR's batched likelihood-ratio terms)
+    with a step-range prompt hook equals the separate per-timestep calls, row by row, value and gradient. Before the
+    fix every row took the prompt of t[0] (measured: rows at t = 200 off by up to 0.19)."""
+    a, b = encode_prompt(base, PROMPTS[:1] * 4), encode_prompt(base, PROMPTS[1:] * 4)
+    hook = lambda t, c: b if t < 500 else c  # noqa: E731  the late (fine) steps get the other prompt
+    den = SDDenoiser(base, 3.0, cond_at=hook)
+    x = _latents(4).requires_grad_(True)
+    t = torch.tensor([800, 200, 800, 200])
+    mixed = den(x, t, a)
+    hi, lo = torch.tensor([0, 2]), torch.tensor([1, 3])
+    with torch.no_grad():
+        sep_hi = SDDenoiser(base, 3.0)(x[hi], t[hi], a[hi])
+        sep_lo = SDDenoiser(base, 3.0)(x[lo], t[lo], b[lo])
+        wrong = SDDenoiser(base, 3.0)(x[lo], t[lo], a[lo])
+    torch.testing.assert_close(mixed[hi], sep_hi, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[lo], sep_lo, atol=1e-5, rtol=1e-5)
+    assert (sep_lo - wrong).abs().max() > 1e-3  # the hook matters at these rows
+    g = torch.autograd.grad(mixed[lo].sum(), x)[0]  # each row's gradient stays on its own row
+    assert g[hi].abs().max() == 0 and g[lo].abs().max() > 0
+    with torch.no_grad():  # a one-timestep call and a scalar t still take the hook's conditioning
+        torch.testing.assert_close(den(x, torch.tensor(200), a), SDDenoiser(base, 3.0)(x, torch.full((4,), 200), b))
+    with pytest.raises(ValueError, match="cond_at must return"):
+        SDDenoiser(base, 3.0, cond_at=lambda t, c: c[:1])(x.detach(), t, a)
+
+
 def test_lora_gradient_through_chain_matches_finite_differences():
     """A reward on decoded images, 2-step chain with plan_full, double precision: the LoRA gradient is nonzero
     and its directional derivative matches central differences (rel 1e-5)."""

@@ -41,7 +41,10 @@ class SDDenoiser(nn.Module):
 
     guidance_scale: w above (w = 1: the conditional UNet call only, as `pipe(...)` does for w <= 1).
     cond_at:        optional per-step conditioning, cond_at(t: int, cond) -> cond, called at every step
-                    (e.g. RLR's step-range prompts: a different prompt for a range of timesteps).
+                    (e.g. RLR's step-range prompts: a different prompt for a range of timesteps). A call whose rows
+                    hold several timesteps (RLR's batched likelihood-ratio terms) is split by timestep: each group
+                    of rows gets the hook's conditioning for its own t (rows of cond_at(t, cond)), so the result
+                    equals the separate calls.
     Its parameters are the UNet's (with any LoRA adapters): what the methods and the optimiser see.
     """
 
@@ -56,8 +59,24 @@ class SDDenoiser(nn.Module):
         self.cond_at = cond_at
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        if self.cond_at is not None:
-            cond = self.cond_at(int(t.reshape(-1)[0]), cond)
+        if self.cond_at is None:
+            return self._eps(x, t, cond)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        values = t.unique()
+        if len(values) == 1:
+            return self._eps(x, t, self.cond_at(int(values[0]), cond))
+        rows = [(t == v).nonzero().squeeze(1) for v in values]  # one network call per timestep, its own conditioning
+        parts = [self._eps(x[r], t[r], self._rows(self.cond_at(int(v), cond), r, x.shape[0])) for v, r in zip(values, rows)]
+        return torch.cat(parts)[torch.cat(rows).argsort()]
+
+    @staticmethod
+    def _rows(cond, rows, batch):
+        if not isinstance(cond, torch.Tensor) or cond.shape[0] != batch:
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond)
+            raise ValueError(f"cond_at must return conditioning with the call's {batch} rows, got {got}")
+        return cond[rows]
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         if not isinstance(cond, torch.Tensor) or cond.dim() not in (3, 4) or cond.shape[0] != x.shape[0]:
             got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond)
             raise ValueError(f"cond must be prompt embeddings [B={x.shape[0]}, 2, L, D] (encode_prompt) or [B, L, D], got {got}")
@@ -125,20 +144,20 @@ def final_timestep_of(pipe) -> int:
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention q/k/v/out; add "ff.net.0.proj", "ff.net.2" for feed-forward
 
 
-def add_lora(pipe, rank: int = 4, alpha: Optional[float] = None, targets=LORA_TARGETS):
+def add_lora(pipe, rank: int = 4, alpha: Optional[float] = None, targets=LORA_TARGETS, seed: int = 0):
     """Freeze the UNet and add a peft LoRA adapter W + (alpha / rank) B A on `targets`; returns its parameters.
 
-    peft's "gaussian" init: A ~ N(0, 1/rank), B = 0, so the pipeline's output is unchanged until training.
+    Through the project's one injector (minialign.lora.add_lora, seeded by `seed`) with peft's "gaussian" init:
+    A ~ N(0, 1/rank), B = 0, so the pipeline's output is unchanged until training. The UNet is then marked as
+    holding a peft config (diffusers' PeftAdapterMixin flag), so `save_lora` / `pipe.load_lora_weights` and the
+    UNet's adapter switches work as after diffusers' own `unet.add_adapter`.
     """
-    from peft import LoraConfig
+    from minialign.lora import add_lora as inject
 
-    if not isinstance(rank, int) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    pipe.unet.requires_grad_(False)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets)))
-    params = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
-    if not params:
-        raise ValueError(f"targets={list(targets)} matched no module of the UNet")
+    params = inject(pipe.unet, r=rank, target_modules=list(targets), alpha=alpha, seed=seed, init="gaussian")
+    pipe.unet._hf_peft_config_loaded = True
     return params
 
 
