@@ -73,16 +73,45 @@ def _check_finite(step: int, loss: torch.Tensor, stats: dict):
             raise FloatingPointError(f"{k} is {v} at step {step}: stopping (nothing is zeroed or skipped)")
 
 
-def _clip(optimizer: torch.optim.Optimizer, default: Optional[float]) -> float:
-    """Clip each param group to its own max norm; returns the largest pre-clip group norm."""
+def _clip(optimizer: torch.optim.Optimizer, default: Optional[float], step: int) -> float:
+    """Clip each param group to its own max norm (a group's "max_norm", else `default`; None or 0: no clipping);
+    returns the largest pre-clip group norm. A non-finite group norm stops training before the optimiser step:
+    clipping by it would turn overflowing gradients into zeros (max_norm / inf) or every entry into NaN."""
     worst = 0.0
-    for group in optimizer.param_groups:
+    for i, group in enumerate(optimizer.param_groups):
         max_norm = group.get("max_norm", default)
         params = [p for p in group["params"] if p.grad is not None]
-        if params:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-            worst = max(worst, float(norm))
+        if not params:
+            continue
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        worst = max(worst, float(norm))
     return worst
+
+
+def _build_optimizer(model, loss_fn, cfg: TrainConfig, params, optimizer):
+    """The given optimiser; else the loss_fn's own (a method that trains networks of its own, SFT-PG's critic);
+    else AdamW(lr, weight_decay) over `params` (default: the model's parameters that require grad)."""
+    if optimizer is None and hasattr(loss_fn, "optimizer"):
+        optimizer = loss_fn.optimizer(model)
+    if optimizer is not None:
+        return optimizer
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    if not params:
+        raise ValueError("params: nothing to train (no parameter requires grad)")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _restore(path: Path, model, loss_fn, optimizer, generator, device) -> tuple[int, list[dict]]:
+    """Load checkpoint.pt into everything that _save wrote; returns (steps done, history)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    if "loss_fn" in state:
+        loss_fn.load_state_dict(state["loss_fn"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], generator)
+    return state["step"], state["history"]
 
 
 def _save(path: Path, model, loss_fn, optimizer, generator, step, history):
@@ -102,6 +131,44 @@ def _write_history(out: Path, history: list[dict]):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
+
+
+def _checkpoint(out: Path, cfg: TrainConfig, model, loss_fn, optimizer, generator, step: int, history: list[dict]):
+    _save(out / "checkpoint.pt", model, loss_fn, optimizer, generator, step, history)
+    _write_history(out, history)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+
+def _one_step(model, loss_fn, optimizer, acc, step: int, generator, grad_clip) -> tuple[torch.Tensor, dict, float]:
+    """loss_fn, finiteness checks, backward, the cross-process gradient mean, clipping, the optimiser step."""
+    model.train()
+    loss, stats = loss_fn(model, step, generator)
+    _check_finite(step, loss, stats)
+    # set_to_none matters: a parameter without a gradient this step (e.g. SFT-PG's generator on a critic
+    # step) is skipped by Adam; zeroed gradients would let momentum move it anyway
+    optimizer.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    if acc.num_processes > 1:  # average gradients by hand: works for any module layout, no DDP wrapper
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+    grad_norm = _clip(optimizer, grad_clip, step)
+    optimizer.step()
+    return loss, stats, grad_norm
+
+
+def _log(model, step: int, loss, stats: dict, grad_norm: float, seconds: float, callback, history, bar) -> bool:
+    """Append the history row of `step` (1-based); returns True when the callback asks to stop."""
+    row = {"step": step, "loss": float(loss.detach()), "grad_norm": grad_norm,
+           **{k: float(v) for k, v in stats.items()}, "seconds": seconds}
+    stop = False
+    if callback is not None:
+        model.eval()
+        stop = callback(step, row) is True
+    history.append(row)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "reward")})
+    return stop
 
 
 def train(
@@ -128,31 +195,17 @@ def train(
     from tqdm.auto import tqdm
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    if optimizer is None and hasattr(loss_fn, "optimizer"):  # a method with its own networks (SFT-PG's critic)
-        optimizer = loss_fn.optimizer(model)
-    if optimizer is None:
-        params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-        if not params:
-            raise ValueError("params: nothing to train (no parameter requires grad)")
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _build_optimizer(model, loss_fn, cfg, params, optimizer)
     model.to(acc.device)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
     torch.manual_seed(cfg.seed * 1000 + acc.process_index)
     out = Path(cfg.out_dir) if cfg.out_dir else None
-    history: list[dict] = []
-    start = 0
+    start, history = 0, []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt = out / "checkpoint.pt"
-        if cfg.resume and ckpt.exists():
-            state = torch.load(ckpt, map_location=acc.device, weights_only=False)
-            model.load_state_dict(state["model"])
-            if "loss_fn" in state:
-                loss_fn.load_state_dict(state["loss_fn"])
-            optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"], generator)
-            start, history = state["step"], state["history"]
-            acc.print(f"resumed from {ckpt} at step {start}")
+        if cfg.resume and (out / "checkpoint.pt").exists():
+            start, history = _restore(out / "checkpoint.pt", model, loss_fn, optimizer, generator, acc.device)
+            acc.print(f"resumed from {out / 'checkpoint.pt'} at step {start}")
     n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     acc.print(f"training {n_params:,} parameters for {cfg.steps} steps: {cfg.batch or '?'} samples/step/process x "
               f"{acc.num_processes} process(es) = effective batch {cfg.batch * acc.num_processes or '?'}; "
@@ -161,37 +214,16 @@ def train(
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and acc.is_local_main_process))
     for step in bar:
-        model.train()
+        loss, stats, grad_norm = _one_step(model, loss_fn, optimizer, acc, step, generator, cfg.grad_clip)
+        done = step + 1
         stop = False
-        loss, stats = loss_fn(model, step, generator)
-        _check_finite(step, loss, stats)
-        # set_to_none matters: a parameter without a gradient this step (e.g. SFT-PG's generator on a critic
-        # step) is skipped by Adam; zeroed gradients would let momentum move it anyway
-        optimizer.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if acc.num_processes > 1:  # average gradients by hand: works for any module layout, no DDP wrapper
-            for g in optimizer.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad = acc.reduce(p.grad, reduction="mean")
-        grad_norm = _clip(optimizer, cfg.grad_clip)
-        optimizer.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, "loss": float(loss.detach()), "grad_norm": grad_norm,
-                   **{k: float(v) for k, v in stats.items()}, "seconds": time.perf_counter() - t0}
-            if callback is not None:
-                model.eval()
-                stop = callback(step + 1, row) is True
-            history.append(row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "reward")})
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            stop = _log(model, done, loss, stats, grad_norm, time.perf_counter() - t0, callback, history, bar)
         if out is not None and acc.is_main_process and (
-            (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.steps or stop
-        ):
-            _save(out / "checkpoint.pt", model, loss_fn, optimizer, generator, step + 1, history)
-            _write_history(out, history)
-            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+                (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or stop):
+            _checkpoint(out, cfg, model, loss_fn, optimizer, generator, done, history)
         if stop:
-            acc.print(f"stopped at step {step + 1} by the callback")
+            acc.print(f"stopped at step {done} by the callback")
             break
     model.eval()
     return history
