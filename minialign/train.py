@@ -4,7 +4,9 @@ A method supplies `loss_fn(model, step, generator) -> (loss, stats)`; this file 
 optimiser, per-group gradient clipping, accelerate (so `accelerate launch --num_processes N` works:
 gradients are averaged across processes, so parameters stay identical), a tqdm bar, the batch
 arithmetic printed once, a metrics history (CSV + JSON), checkpoint/resume that is bit-exact on CPU,
-and a hard stop with the step number on NaN/inf in the loss or any `reward*` statistic.
+and a hard stop with the step number on NaN/inf in the loss, any `reward*` statistic or a param group's
+gradient norm (checked before the optimiser step, clipping or not: a norm that overflows would otherwise clip
+the gradients to zeros, and one inf entry would make every parameter NaN).
 
     history = train(model, loss_fn, TrainConfig(steps=200, lr=1e-4, batch=64))
 """
@@ -84,6 +86,9 @@ def _clip(optimizer: torch.optim.Optimizer, default: Optional[float], step: int)
         if not params:
             continue
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {norm.item()} (param group {i}) at step {step}: stopping "
+                                     f"before the optimiser step (nothing is zeroed or skipped)")
         if max_norm:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         worst = max(worst, float(norm))

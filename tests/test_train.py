@@ -158,3 +158,29 @@ def test_a_callback_returning_true_stops_training_early():
     hist = train(model, loss_fn, TrainConfig(steps=50, lr=1e-2, progress=False),
                  callback=lambda step, row: seen.append(step) or step >= 7)
     assert seen[-1] == 7 and hist[-1]["step"] == 7 and len(hist) == 7
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, None])
+@pytest.mark.parametrize("kind", ["overflowing_norm", "one_inf_entry"])
+def test_a_non_finite_gradient_stops_at_its_step_with_parameters_untouched(kind, grad_clip):
+    """Issue 19 item 2. Gradients of 1e30 (finite; their norm overflows float32 to inf) were clipped to zeros by
+    max_norm / inf and training went on; one inf entry made every parameter NaN and the stop came a step late (on
+    the NaN loss of step 4). Both stop at step 3, before the optimiser step, clipping or not."""
+    snapshot = {}
+
+    def loss_fn(model, step, generator):
+        loss, stats = _loss_fn(model, step, generator)
+        if step == 3:
+            snapshot["params"] = _params(model).clone()
+            w = model.out.weight
+            if kind == "overflowing_norm":  # d/dw = 1e30 per entry: finite, but the sum of squares is not
+                loss = loss + 1e30 * w.sum()
+            else:  # d/dw_00 of sqrt(w_00 - sg[w_00]) at 0 is +inf; the loss's value stays finite
+                loss = loss + torch.sqrt(w[0, 0] - w[0, 0].detach())
+            assert torch.isfinite(loss)
+        return loss, stats
+
+    model = _model()
+    with pytest.raises(FloatingPointError, match="gradient norm is (inf|nan).* at step 3"):
+        train(model, loss_fn, TrainConfig(steps=10, lr=1e-2, grad_clip=grad_clip, progress=False))
+    assert torch.equal(_params(model), snapshot["params"])
