@@ -205,6 +205,33 @@ def test_methods_run_on_the_adapter(name):
     assert isinstance(stats["reward"], float)
 
 
+@pytest.mark.parametrize("name", ["full_bp", "sdo"])
+def test_registry_chain_on_sd1x_scheduler_ends_where_the_pipeline_ends(name):
+    """Issue 20 item 4: build_sd passes final_timestep_of(pipe) into the method's ChainConfig, so on SD 1.x's scheduler
+    (set_alpha_to_one=False: the last step lands on abar_0) the image a method scores is the one
+    StableDiffusionPipeline.__call__ returns from the same x_T (DDIM, eta 0, guidance 3). Measured 5e-7 apart;
+    ending at abar = 1 instead (final_timestep -1, the chains before) is 1.8e-3 away (checked: > 5e-4)."""
+    from diffusers import DDIMScheduler
+    from minialign.sd.build import build_sd, latent_shape
+
+    pipe = _fresh()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False)
+    seen = []
+    store = Reward(lambda img, c: seen.append(img.detach()) or img.flatten(1).mean(1), "store", True)
+    prompts = PROMPTS
+    den, loss_fn, cfg = build_sd(name, pipe, store, prompts, guidance_scale=3.0, n_steps=4, batch=2, eta=0.0)
+    assert cfg.final_timestep == 0 == final_timestep_of(pipe) and (cfg.spacing, cfg.offset) == ("leading", 1)
+    loss_fn(den, 0, torch.Generator().manual_seed(3))
+    x_T = torch.randn((2, *latent_shape(pipe)), generator=torch.Generator().manual_seed(3))  # the chain's draw_start
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, latents=x_T.clone(), output_type="pt", eta=0.0).images
+    ours = ((seen[0] + 1) / 2).clamp(0, 1)
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+    _, loss_fn_data, _ = build_sd(name, pipe, store, prompts, guidance_scale=3.0, n_steps=4, batch=2, eta=0.0,
+                                  final_timestep=-1)
+    loss_fn_data(den, 0, torch.Generator().manual_seed(3))
+    assert (((seen[-1] + 1) / 2).clamp(0, 1) - theirs).abs().max() > 5e-4
+
+
 def test_bad_inputs(base):
     with pytest.raises(ValueError, match="guidance_scale"):
         SDDenoiser(base, -1.0)

@@ -167,7 +167,7 @@ class SFTPG(nn.Module):
             x_T = torch.randn((n, *self.data.shape[1:]), generator=generator, dtype=self.data.dtype).to(self.data.device)
         return sample(self.ema if ema else self.denoiser, self.schedule, x_T, self.timesteps, eta=self.config.eta,
                       plan=plan or plan_none(self.n_steps), cond=self.cond, generator=generator,
-                      min_sigma=self.config.min_sigma, noises=noises)
+                      min_sigma=self.config.min_sigma, noises=noises, final_timestep=self.config.final_timestep)
 
     def advantage(self, states, step_index, final):
         """A = f(x_0) - B(x_i, i) [K], without grad (B = 0 when the baseline is off)."""
@@ -180,7 +180,7 @@ class SFTPG(nn.Module):
         step_index LongTensor [K], final = the x_0 each transition led to [K, ...]); graph to the denoiser."""
         adv = self.advantage(states, step_index, final) if advantage is None else advantage
         total = 0.0
-        prev = prev_timesteps(self.timesteps)
+        prev = prev_timesteps(self.timesteps, self.config.final_timestep)
         for i in step_index.unique().tolist():
             m = step_index == i
             s = prev[i]

@@ -15,10 +15,9 @@ What `build_sd` fills in for a method of the registry (minialign.methods):
   the pipeline's own DDIM trajectory, as minialign.methods.shortcut does for the toys).
 
 SD 1.x's last step: its DDIM scheduler has set_alpha_to_one=False, so `pipe(...)` ends at abar_0 = 1 - beta_0
-(t = 0, `final_timestep_of(pipe)` = 0), while the methods' chains end at abar = 1 (final_timestep = -1; ChainConfig
-has no final timestep). The methods therefore train on the fully denoised end x0_hat of the last step, which
-differs from the pipeline's output by sqrt(1 - abar_0) eps (about 0.03 eps for SD 1.x's betas); `sample_latents`
-(inference) ends where the pipeline does. The tiny pipeline sets set_alpha_to_one=True, where both agree.
+(t = 0, `final_timestep_of(pipe)` = 0). `chain_of` puts that into the method's ChainConfig (final_timestep), so a
+method scores the x_0 the pipeline returns (not the fully denoised x0_hat, sqrt(1 - abar_0) eps ~ 0.03 eps away).
+The tiny pipeline and mini-SD set set_alpha_to_one=True (final_timestep -1), where both ends agree.
 
 Mixed precision: `autocast_loss(loss_fn, torch.bfloat16)` runs the method's forward (sampling, decode, reward) under
 torch.autocast; parameters and their gradients stay float32 (bf16 on CPU or GPU; fp16 on GPU needs a loss scale
@@ -50,10 +49,11 @@ def latent_shape(pipe) -> tuple:
 
 
 def chain_of(pipe) -> dict:
-    """ChainConfig fields of the pipeline's scheduler: {"spacing", "offset"}."""
+    """ChainConfig fields of the pipeline's scheduler: {"spacing", "offset", "final_timestep"}."""
     cfg = pipe.scheduler.config
     spacing = cfg.get("timestep_spacing", "leading")
-    return {"spacing": spacing, "offset": int(cfg.get("steps_offset", 0)) if spacing == "leading" else 0}
+    return {"spacing": spacing, "offset": int(cfg.get("steps_offset", 0)) if spacing == "leading" else 0,
+            "final_timestep": final_timestep_of(pipe)}
 
 
 def batch_cond(pipe, prompts: Sequence[str], batch: int) -> torch.Tensor:
