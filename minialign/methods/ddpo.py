@@ -93,72 +93,102 @@ def _check(cfg: DDPOConfig):
         raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
 
 
-def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference: Optional[torch.nn.Module] = None):
-    """loss_fn(model, step, generator) -> (PPO loss of one minibatch, stats).
-
-    stats: reward (mean reward of the batch being trained on), resampled (1 on a call that sampled),
-    ratio_dev (max |ratio - 1|), clip_frac, approx_kl (0.5 mean (log ratio)^2), kl (if kl_coef > 0).
-    """
-    _check(cfg)
-    ts = chain_timesteps(schedule, cfg)
-    prev = prev_timesteps(ts, cfg.final_timestep)
+def trained_steps(schedule, cfg: DDPOConfig, ts: list[int], prev: list[int]) -> list[int]:
+    """Indices of the chain's stochastic steps (sigma_t > 0): DDPO's actions."""
     trained = [i for i in range(len(ts)) if step_coefficients(schedule, ts[i], prev[i], cfg.eta).sigma > 0]
     if not trained:
         raise ValueError(f"no stochastic step to train in timesteps {ts} with eta={cfg.eta}")
-    updates_per_batch = cfg.inner_epochs * cfg.minibatches
-    dim = math.prod(shape)
-    state = {"updates": 0, "ref": reference}
+    return trained
 
-    @torch.no_grad()
-    def _collect(model, generator):
-        x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator, final_timestep=cfg.final_timestep,
-                          min_sigma=cfg.min_sigma, log_probs=True)
-        r = reward(x0, c).detach()
-        adv = standardise(r, c, cfg.advantage == "per_condition")
-        return {"traj": traj, "cond": c, "reward": r, "adv": adv}
 
-    def loss_fn(model, step: int, generator: torch.Generator):
-        if cfg.kl_coef > 0 and state["ref"] is None:
-            state["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
-        u = state["updates"] % updates_per_batch
-        if u == 0:
-            state["buf"] = _collect(model, generator)
-        buf = state["buf"]
+@torch.no_grad()
+def collect(model, schedule, reward, cfg: DDPOConfig, ts: list[int], shape, cond, generator) -> dict:
+    """Sample one batch with eta under no_grad: {states [x_T..x_0], log_probs (summed over dims, per step),
+    cond, reward, adv (standardised)}: what the PPO epochs reuse."""
+    x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
+    x0, traj = sample(model, schedule, x_T, ts, cfg.eta, cond=c, generator=generator, final_timestep=cfg.final_timestep,
+                      min_sigma=cfg.min_sigma, log_probs=True)
+    r = reward(x0, c).detach()
+    adv = standardise(r, c, cfg.advantage == "per_condition")
+    return {"states": traj.states, "log_probs": traj.log_probs, "cond": c, "reward": r, "adv": adv}
+
+
+def kl_to_reference(ref, schedule, mean, x_t, t: int, s: int, eta: float, sigma: float, cond) -> torch.Tensor:
+    """KL(p_theta || p_ref) of one step at x_t: |mu_theta - mu_ref|^2 / (2 sigma^2), summed over dims, batch mean."""
+    with torch.no_grad():
+        ref_mean, _ = step_mean(ref, schedule, x_t, t, s, eta, cond)
+    return ((mean - ref_mean) ** 2).flatten(1).sum(1).mean() / (2 * sigma**2)
+
+
+def ppo_terms(model, schedule, cfg: DDPOConfig, ts, prev, buf: dict, idx, steps: list[int], dim: int, ref=None):
+    """One minibatch `idx` of the stored batch, over the trained `steps`: per-step PPO losses (+ kl_coef KL),
+    ratios and KLs (lists, one entry per step)."""
+    c = None if buf["cond"] is None else buf["cond"][idx]
+    losses, ratios, kls = [], [], []
+    for i in steps:
+        x_t, x_s = buf["states"][i][idx], buf["states"][i + 1][idx]
+        mean, sigma = step_mean(model, schedule, x_t, ts[i], prev[i], cfg.eta, c)
+        sigma = max(sigma, cfg.min_sigma)
+        # per-dimension log-probs, as ddpo-pytorch (the sum over D dims, divided by D in both, so that the
+        # first ratio stays bit-exactly 1); PPO's clip range is tuned for this scale
+        log_prob = gaussian_log_prob(x_s, mean, sigma) / dim
+        old = buf["log_probs"][i][idx] / dim
+        loss_i, ratio = ppo_clip_loss(log_prob, old, buf["adv"][idx], cfg.clip_range, cfg.adv_clip)
+        if cfg.kl_coef > 0:
+            kl = kl_to_reference(ref, schedule, mean, x_t, ts[i], prev[i], cfg.eta, sigma, c)
+            loss_i = loss_i + cfg.kl_coef * kl
+            kls.append(kl.detach())
+        losses.append(loss_i)
+        ratios.append(ratio.detach())
+    return losses, ratios, kls
+
+
+class DDPOLoss:
+    """DDPO's loss_fn(model, step, generator): one PPO update per call. Its state between calls: the update
+    count (the position in the cycle of inner_epochs * minibatches updates per sampled batch), the stored batch,
+    the epoch's permutation and the KL reference."""
+
+    def __init__(self, schedule, reward, cfg: DDPOConfig, shape, cond, reference):
+        _check(cfg)
+        self.schedule, self.reward, self.cfg, self.shape, self.cond = schedule, reward, cfg, shape, cond
+        self.ts = chain_timesteps(schedule, cfg)
+        self.prev = prev_timesteps(self.ts, cfg.final_timestep)
+        self.trained = trained_steps(schedule, cfg, self.ts, self.prev)
+        self.updates_per_batch = cfg.inner_epochs * cfg.minibatches
+        self.dim = math.prod(shape)
+        self.updates, self.buf, self.perm, self.ref = 0, None, None, reference
+
+    def _minibatch(self, u: int, generator) -> torch.Tensor:
+        """Rows of update u of the cycle; epoch 0 keeps the sampling order (so the first ratio is bit-exactly 1)."""
+        cfg = self.cfg
         epoch, mb = divmod(u, cfg.minibatches)
-        if mb == 0:  # epoch 0 keeps the sampling order (so the first ratio is bit-exactly 1)
-            state["perm"] = torch.arange(cfg.batch) if epoch == 0 else torch.randperm(cfg.batch, generator=generator)
+        if mb == 0:
+            self.perm = torch.arange(cfg.batch) if epoch == 0 else torch.randperm(cfg.batch, generator=generator)
         size = cfg.batch // cfg.minibatches
-        idx = state["perm"][mb * size:(mb + 1) * size].to(buf["reward"].device)
-        steps = trained
-        if cfg.timestep_fraction < 1:
-            n_train = max(1, round(cfg.timestep_fraction * len(trained)))
-            pick = torch.randperm(len(trained), generator=generator)[:n_train].sort().values
-            steps = [trained[i] for i in pick.tolist()]
-        traj, c = buf["traj"], buf["cond"]
-        c_mb = None if c is None else c[idx]
-        losses, ratios, kls = [], [], []
-        for i in steps:
-            x_t, x_s = traj.states[i][idx], traj.states[i + 1][idx]
-            mean, sigma = step_mean(model, schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)
-            sigma = max(sigma, cfg.min_sigma)
-            # per-dimension log-probs, as ddpo-pytorch (the sum over D dims, divided by D in both, so that the
-            # first ratio stays bit-exactly 1); PPO's clip range is tuned for this scale
-            log_prob = gaussian_log_prob(x_s, mean, sigma) / dim
-            old = traj.log_probs[i][idx] / dim
-            loss_i, ratio = ppo_clip_loss(log_prob, old, buf["adv"][idx], cfg.clip_range, cfg.adv_clip)
-            if cfg.kl_coef > 0:
-                with torch.no_grad():
-                    ref_mean, _ = step_mean(state["ref"], schedule, x_t, ts[i], prev[i], cfg.eta, c_mb)
-                kl = ((mean - ref_mean) ** 2).flatten(1).sum(1).mean() / (2 * sigma**2)
-                loss_i = loss_i + cfg.kl_coef * kl
-                kls.append(kl.detach())
-            losses.append(loss_i)
-            ratios.append(ratio.detach())
-        state["updates"] += 1
+        return self.perm[mb * size:(mb + 1) * size].to(self.buf["reward"].device)
+
+    def _steps(self, generator) -> list[int]:
+        """The trained steps of this update: all, or a random subset of timestep_fraction of them."""
+        if self.cfg.timestep_fraction == 1:
+            return self.trained
+        n_train = max(1, round(self.cfg.timestep_fraction * len(self.trained)))
+        pick = torch.randperm(len(self.trained), generator=generator)[:n_train].sort().values
+        return [self.trained[i] for i in pick.tolist()]
+
+    def __call__(self, model, step: int, generator: torch.Generator):
+        cfg = self.cfg
+        if cfg.kl_coef > 0 and self.ref is None:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        u = self.updates % self.updates_per_batch
+        if u == 0:
+            self.buf = collect(model, self.schedule, self.reward, cfg, self.ts, self.shape, self.cond, generator)
+        idx = self._minibatch(u, generator)
+        losses, ratios, kls = ppo_terms(model, self.schedule, cfg, self.ts, self.prev, self.buf, idx,
+                                        self._steps(generator), self.dim, self.ref)
+        self.updates += 1
         ratio = torch.stack(ratios)
         stats = {
-            "reward": buf["reward"].mean().item(),
+            "reward": self.buf["reward"].mean().item(),
             "resampled": float(u == 0),
             "ratio_dev": (ratio - 1).abs().max().item(),
             "clip_frac": ((ratio - 1).abs() > cfg.clip_range).float().mean().item(),
@@ -168,4 +198,11 @@ def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference:
             stats["kl"] = torch.stack(kls).mean().item()
         return torch.stack(losses).mean(), stats
 
-    return loss_fn
+
+def make_loss(schedule, reward, cfg: DDPOConfig, *, shape, cond=None, reference: Optional[torch.nn.Module] = None):
+    """loss_fn(model, step, generator) -> (PPO loss of one minibatch, stats).
+
+    stats: reward (mean reward of the batch being trained on), resampled (1 on a call that sampled),
+    ratio_dev (max |ratio - 1|), clip_frac, approx_kl (0.5 mean (log ratio)^2), kl (if kl_coef > 0).
+    """
+    return DDPOLoss(schedule, reward, cfg, shape, cond, reference)
