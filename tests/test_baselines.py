@@ -268,3 +268,35 @@ def test_each_loss_is_deterministic_under_a_seed(name):
     b = make()(net, 0, torch.Generator().manual_seed(5))[0]
     c = make()(net, 0, torch.Generator().manual_seed(6))[0]
     assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_ddpo_kl_reference_is_the_pretrained_model_and_only_what_trains_is_saved():
+    """Issue 19 item 5: the KL reference travels in loss_fn.state_dict() as the parameters that train (here LoRA's;
+    the frozen base is the model's own) and is rebuilt from the resumed model, so it stays the pretrained model.
+    A fresh KL loss_fn first called at a later step cannot know that model and refuses."""
+    from minialign.lora import add_lora
+
+    net, sch = _toy()
+    add_lora(net, r=2, target_modules=["lin"])
+    cfg = ddpo.DDPOConfig(batch=4, n_steps=4, kl_coef=0.5)
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 30)
+    with torch.no_grad():
+        for n, p in net.named_parameters():  # a non-identity pretrained adapter, so the reference must keep it
+            if "lora_B" in n:
+                p.fill_(0.1)
+        pretrained = net(x, t)
+    loss_fn = ddpo.make_loss(sch, REWARD, cfg, shape=SHAPE)
+    loss_fn(net, 0, torch.Generator().manual_seed(0))
+    state = loss_fn.state_dict()
+    assert state["ref"] and all("lora_" in k for k in state["ref"])
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_" in n:
+                p.add_(0.5)  # "training" moved the adapters
+    resumed = ddpo.make_loss(sch, REWARD, cfg, shape=SHAPE)
+    resumed.load_state_dict(state)
+    _, stats = resumed(net, 1, torch.Generator().manual_seed(1))
+    assert stats["kl"] > 0 and stats["resampled"] == 0.0  # the stored batch, against the pretrained reference
+    torch.testing.assert_close(resumed.ref(x, t), pretrained, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="step: a fresh DDPO loss_fn with kl_coef > 0 first called at step 5"):
+        ddpo.make_loss(sch, REWARD, cfg, shape=SHAPE)(net, 5, torch.Generator().manual_seed(0))

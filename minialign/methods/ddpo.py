@@ -18,7 +18,12 @@ The reward is only evaluated, never differentiated: any reward works, JPEG size 
 
 The optional KL penalty (DPOK-style; not in DDPO) is the exact KL between the two Gaussian steps that
 share sigma: KL = |mu_theta(x_t) - mu_ref(x_t)|^2 / (2 sigma_t^2), summed over dimensions, at the stored
-states, against a frozen copy of the model taken at the first call (or `reference`).
+states, against the pretrained model: a frozen copy of the model taken at the first update (or `reference`).
+
+Resume: loss_fn.state_dict() holds the update count (the position in the PPO cycle), the stored batch, the
+epoch's permutation and the reference's trainable parameters and buffers (its frozen parameters are the
+model's, so it is rebuilt from the resumed model), so train()'s resume continues the cycle bit-exactly and the
+KL still pulls towards the pretrained model, not towards the model at the resume.
 
 Deviations, named:
 - the log-probs in the ratio are divided by the number of dimensions D (a per-dimension log-prob), as the
@@ -157,6 +162,7 @@ class DDPOLoss:
         self.updates_per_batch = cfg.inner_epochs * cfg.minibatches
         self.dim = math.prod(shape)
         self.updates, self.buf, self.perm, self.ref = 0, None, None, reference
+        self.ref_state = None  # the copied reference's trainable parameters and buffers (None with `reference`)
 
     def _minibatch(self, u: int, generator) -> torch.Tensor:
         """Rows of update u of the cycle; epoch 0 keeps the sampling order (so the first ratio is bit-exactly 1)."""
@@ -175,16 +181,47 @@ class DDPOLoss:
         pick = torch.randperm(len(self.trained), generator=generator)[:n_train].sort().values
         return [self.trained[i] for i in pick.tolist()]
 
+    def _reference(self, model, step: int):
+        """The KL reference: `reference`, or a frozen copy of the pretrained model (taken at the first update, or
+        rebuilt after a resume from the model's frozen parameters and the saved trainable ones)."""
+        if self.ref is not None:
+            return self.ref
+        if self.updates > 0 and self.ref_state is None:
+            raise RuntimeError("DDPO: the loaded state has no KL reference (was it saved with kl_coef = 0?)")
+        if self.updates == 0 and step > 0:
+            raise ValueError(f"step: a fresh DDPO loss_fn with kl_coef > 0 first called at step {step} cannot know the "
+                             f"pretrained model; pass reference= or resume from a train() checkpoint")
+        ref = copy.deepcopy(model).eval()
+        if self.ref_state is None:  # the first update: the model is the pretrained one; keep what training changes
+            kept = {k for k, v in model.state_dict(keep_vars=True).items()
+                    if not isinstance(v, torch.nn.Parameter) or v.requires_grad}
+        else:
+            kept = set(self.ref_state)
+            unexpected = ref.load_state_dict(self.ref_state, strict=False).unexpected_keys
+            if unexpected:
+                raise ValueError(f"loaded DDPO state: reference entries {unexpected[:3]} are not in the model")
+        self.ref_state = {k: v for k, v in ref.state_dict().items() if k in kept}  # views of the reference's own
+        self.ref = ref.requires_grad_(False)
+        return self.ref
+
+    def state_dict(self) -> dict:
+        """Everything the next call depends on besides the model, the optimiser and the RNGs (train() saves it)."""
+        return {"updates": self.updates, "buf": self.buf, "perm": self.perm, "ref": self.ref_state}
+
+    def load_state_dict(self, state: dict):
+        self.updates, self.buf, self.perm, self.ref_state = state["updates"], state["buf"], state["perm"], state["ref"]
+        if self.ref_state is not None:
+            self.ref = None  # rebuilt from the resumed model at the next call
+
     def __call__(self, model, step: int, generator: torch.Generator):
         cfg = self.cfg
-        if cfg.kl_coef > 0 and self.ref is None:
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = self._reference(model, step) if cfg.kl_coef > 0 else None
         u = self.updates % self.updates_per_batch
         if u == 0:
             self.buf = collect(model, self.schedule, self.reward, cfg, self.ts, self.shape, self.cond, generator)
         idx = self._minibatch(u, generator)
         losses, ratios, kls = ppo_terms(model, self.schedule, cfg, self.ts, self.prev, self.buf, idx,
-                                        self._steps(generator), self.dim, self.ref)
+                                        self._steps(generator), self.dim, ref)
         self.updates += 1
         ratio = torch.stack(ratios)
         stats = {
