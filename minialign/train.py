@@ -190,11 +190,12 @@ def train(
 
     params:    what to train (default: the model's parameters with requires_grad); ignored with `optimizer`
     optimizer: your own (e.g. param groups with different lrs and per-group "max_norm"); without it, a loss_fn
-               that has `optimizer(model)` (a method that trains networks of its own) supplies it, and its
-               `state_dict()` / `load_state_dict()` go into the checkpoint
+               that has `optimizer(model)` (a method that trains networks of its own) supplies it
     callback:  callback(step, row) after each logged step (evaluate during training); may add keys to row;
                returning True stops training after this step (an early stop: "the target is reached")
-    With out_dir set, writes history.csv/json and checkpoint.pt there, and resumes from checkpoint.pt.
+    With out_dir set, writes history.csv/json and checkpoint.pt there, and resumes from checkpoint.pt. A loss_fn
+    with `state_dict()` / `load_state_dict()` (SFT-PG's networks, DDPO's PPO cycle and KL reference, RLR's j
+    statistics) has that state saved and restored with the model's (tests/test_resume.py: every method).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
