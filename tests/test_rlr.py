@@ -1,17 +1,21 @@
-"""RLR against the exact full-backprop gradient (Monte-Carlo z-tests), its parts' variances, the parameter-
-perturbation bias as a function of sigma, the HO re-run, the memory budget h*, determinism, NaN and clear errors."""
+"""RLR against the exact full-backprop gradient (Monte-Carlo z-tests), its parts' variances (F-tests), the parameter-
+perturbation bias as a function of sigma, the HO re-run and h = 1 against DDPO's term, the released code's variant
+and its bias, ZO subsampling, the memory budget h*, determinism, NaN and clear errors."""
 import math
 from statistics import NormalDist
 
 import pytest
 import torch
+from scipy.stats import f as fisher
 
 from minialign.methods import rlr_budget as budget
 from minialign.measure.lab import flat_grad
 from minialign.methods import build, full_bp, rlr
+from minialign.methods.chain import chain_timesteps, draw_start
+from minialign.methods.estimators import step_log_probs
 from minialign.rewards import Reward, component_log_density
-from minialign.sampling import sample
-from minialign.schedule import Schedule
+from minialign.sampling import sample, transition_log_prob
+from minialign.schedule import Schedule, prev_timesteps, step_coefficients
 from minialign.toy.models import MLPDenoiser
 from minialign.train import TrainConfig, train
 
@@ -61,44 +65,104 @@ def lab():
 
 def test_rlr_is_unbiased_and_biased_variants_fail(lab):
     """The mean of M = 300 RLR estimates (batch 16) equals grad E[r] projected on K = 4 random directions: |z| <
-    z_{1 - 0.001 / 2K} = 3.66 per direction (99.9%, Bonferroni), for h = 1 and h = 2 with the inherent-noise ZO.
-    The same test rejects RLR without ZO, FO only, and the released-code variant (the test has power).
-    Measured: max |z| h=1 1.69, h=2 1.72; without ZO (h=1) 5.7, FO only 55, released 17.6. Part variances per
-    estimate (batch 16, mean over directions): FO 2.7e-3, HO(h=1) 0.30, HO(h=2) 1.67, ZO inherent (h=1: 3 steps)
-    0.69, ZO inherent (h=2: 2 steps) 0.36 — HO(h=2) > ZO inherent here (see test_variance_ordering)."""
+    z_{1 - 0.001 / 2K} = 3.66 per direction (99.9%, Bonferroni), for h = 1 and h = 2 with the inherent-noise ZO,
+    and for the paper's softmax j (h = 2). The same test rejects RLR without ZO and FO only (the test has power).
+    Measured: max |z| h=1 1.69, h=2 1.72, softmax 0.22; without ZO (h=1) 5.7, FO only 55."""
     z_crit = NormalDist().inv_cdf(1 - (1 - CONF) / (2 * lab["K"]))
     args = (lab["net"], lab["sch"], REWARD, lab["U"], lab["params"])
     z = {}
-    for name, kw in {"h1": dict(h=1), "h2": dict(h=2), "no_zo": dict(h=1, zo="none"), "fo_only": dict(h=0, zo="none"),
-                     "released": dict(variant="released", baseline="standardise")}.items():
-        S = _samples(*args, M=100 if name in ("fo_only", "released") else 300, **kw)
+    for name, kw in {"h1": dict(h=1), "h2": dict(h=2), "softmax": dict(h=2, j_dist="softmax", j_temperature=0.5),
+                     "no_zo": dict(h=1, zo="none"), "fo_only": dict(h=0, zo="none")}.items():
+        S = _samples(*args, M=100 if name == "fo_only" else 300, **kw)
         z[name] = _z(sum(S.values()), lab["exact"])
-        lab[name] = S
-    print(z, {n: {k: v.var(0).mean().item() for k, v in lab[n].items()} for n in ("h1", "h2")})
-    assert z["h1"] < z_crit and z["h2"] < z_crit
-    assert z["no_zo"] > z_crit and z["fo_only"] > z_crit and z["released"] > z_crit
+    print(z)
+    assert z["h1"] < z_crit and z["h2"] < z_crit and z["softmax"] < z_crit
+    assert z["no_zo"] > z_crit and z["fo_only"] > z_crit
 
 
-def test_variance_ordering(lab):
-    """FO <= HO <= ZO with the paper's parameter-perturbation ZO (sigma = 1e-2): measured 2.4e-3 <= 0.30 <= 12.6
-    (h = 1). With the inherent-noise ZO, FO <= HO(h=1) <= ZO (0.30 <= 0.69) holds too, but HO(h=2) = 1.67 exceeds
-    ZO(2 steps) = 0.36: the input score (x' - mu) / sigma^2 . d mu / dx of the sub-chain is noisier than the
-    direct likelihood ratio on this toy. Both HO estimates are still unbiased (above)."""
-    if "h1" not in lab:
-        pytest.skip("runs after test_rlr_is_unbiased_and_biased_variants_fail (shares its samples)")
-    var = lambda S, k: S[k].var(0).mean().item()  # noqa: E731
-    P = _samples(lab["net"], lab["sch"], REWARD, lab["U"], lab["params"], M=100, h=1, zo="perturb", zo_sigma=1e-2)
-    print({k: var(P, k) for k in P})
-    assert var(lab["h1"], "fo") <= var(lab["h1"], "ho") <= var(lab["h1"], "zo")
-    assert var(P, "fo") <= var(P, "ho") <= var(P, "zo")
-    assert var(lab["h2"], "ho") > var(lab["h1"], "ho")  # a longer sub-chain adds input-score terms
+def test_zo_subsampling_is_unbiased_and_its_scale_is_needed(lab):
+    """zo_subsample = m: m of the |Z| ZO steps drawn without replacement, each term times |Z| / m. With h = 0 (Z =
+    the 3 steps before FO) and m = 1: unbiased (|z| < 3.66, 99.9% Bonferroni over K = 4), while the same draws
+    without the |Z| / m factor (ZO part / 3) are rejected. Measured max |z|: scaled 1.18, unscaled 5.49."""
+    z_crit = NormalDist().inv_cdf(1 - (1 - CONF) / (2 * lab["K"]))
+    S = _samples(lab["net"], lab["sch"], REWARD, lab["U"], lab["params"], M=300, h=0, zo_subsample=1)
+    z = {"scaled": _z(S["fo"] + S["zo"], lab["exact"]), "unscaled": _z(S["fo"] + S["zo"] / 3, lab["exact"])}
+    print(z)
+    assert z["scaled"] < z_crit < z["unscaled"]
+
+
+def test_released_variant_follows_the_released_code_and_its_bias_is_measured(lab):
+    """variant="released" (registry "rlr_released"): eta 0.05, coefficients FO 0.05 / HO 0.001, standardised
+    advantages, per-dimension log-probs of picks drawn from all N steps (a pick of the last step voids the batch's
+    HO terms: P = 1 - (3/4)^2 here). Its HO terms equal -A grad log p / D computed by hand (PPO at ratio 1). Its
+    estimate c_FO g_FO + c_HO g_HO is biased by design: the z-test rejects it, and the bias is measured (M = 200,
+    batch 16, K = 4 directions): cosine of its mean to the exact gradient 0.81, |mean| / |exact| 0.0092 (FO's 0.05
+    and HO's 0.001 shrink it; most steps are never credited), max |z| 742; the coefficient-free sum FO + HO:
+    cosine 0.98, max |z| 4.4."""
+    cfg = rlr.RLRConfig(variant="released", n_steps=T, batch=16)
+    assert (cfg.eta, cfg.coef_fo, cfg.coef_ho, cfg.released_terms) == (0.05, 0.05, 0.001, 2)
+    assert rlr.RLRConfig(n_steps=T).eta == 1.0 and rlr.RLRConfig(n_steps=T).coef_fo == 1.0
+    net, sch = lab["net"], lab["sch"]
+    # the HO terms against a hand-written per-dimension Gaussian log-density at two picked steps
+    g = torch.Generator().manual_seed(4)
+    x_T, _ = draw_start(net, 16, SHAPE, None, g)
+    ts = chain_timesteps(sch, cfg)
+    with torch.no_grad():
+        _, traj = sample(net, sch, x_T, ts[:-1], cfg.eta, generator=g, final_timestep=ts[-1])
+    A = torch.randn(16, generator=g, dtype=torch.float64)
+    got = rlr.released_terms(net, sch, traj, [2, 0], cfg.eta, A)
+    want = 0
+    for m in (2, 0):
+        c = step_coefficients(sch, ts[m], prev_timesteps(ts)[m], cfg.eta)
+        mu = c.a * traj.states[m] + c.b * net(traj.states[m], torch.full((16,), ts[m]), None)
+        lp = (-(traj.states[m + 1] - mu) ** 2 / (2 * c.sigma**2) - math.log(c.sigma) - 0.5 * math.log(2 * math.pi)).mean(1)
+        want = want + (A * lp).mean()
+    torch.testing.assert_close(flat_grad(got, lab["params"]), flat_grad(want, lab["params"]), rtol=1e-9, atol=1e-12)
+    # the bias, measured
+    z_crit = NormalDist().inv_cdf(1 - (1 - CONF) / (2 * lab["K"]))
+    S = _samples(net, sch, REWARD, lab["U"], lab["params"], M=200, variant="released")
+    est = cfg.coef_fo * S["fo"] + cfg.coef_ho * S["ho"]
+    exact = lab["exact"][0]
+    cos = torch.cosine_similarity(est.mean(0), exact, 0).item()
+    stats = dict(z=_z(est, lab["exact"]), cos=cos, scale=(est.mean(0).norm() / exact.norm()).item(),
+                 z_sum=_z(S["fo"] + S["ho"], lab["exact"]), cos_sum=torch.cosine_similarity((S["fo"] + S["ho"]).mean(0), exact, 0).item())
+    print(stats)
+    assert stats["z"] > z_crit and stats["scale"] < 0.2
+    loss_fn = rlr.make_loss(sch, REWARD, cfg, shape=SHAPE)
+    dropped = [loss_fn(net, 0, g)[1]["ho_dropped"] for _ in range(200)]
+    assert abs(sum(dropped) / 200 - (1 - 0.75**2)) < 3.3 * math.sqrt(0.44 * 0.56 / 200)
+
+
+def test_variance_ordering():
+    """FO <= HO <= ZO (the paper's ordering) with the parameter-perturbation ZO (s = 1e-2, paired and one-chain),
+    as one-sided F-tests on independent draws (FO and HO from different seeds): per direction the variance ratio
+    exceeds F_{1 - 0.001/K}(M - 1, M - 1) (99.9%, Bonferroni over the K = 4 directions), self-contained. A ZO
+    scaled by 1/s instead of 1/s^2, or an HO that lost its likelihood ratio, fails it. Measured (M = 150, batch
+    16, mean over directions): FO 2.7e-3, HO(h=1) 0.27, ZO paired 6.5, ZO one chain 4.0e4 (its antithetic halves are
+    different samples, so the reward's own spread enters (r+ - r-) / s^2: variance O(Var r / s^2), where the paired
+    chain's common random numbers cancel it). With the inherent-noise ZO, HO(h=2) exceeds ZO on this toy (measured
+    1.67 vs 0.36), not asserted."""
+    net, sch = _toy()
+    params = list(net.parameters())
+    U = torch.randn(4, sum(p.numel() for p in params), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    U /= U.norm(dim=1, keepdim=True)
+    M = 150
+    a = _samples(net, sch, REWARD, U, params, M=M, seed=11, h=1, zo="perturb")
+    b = _samples(net, sch, REWARD, U, params, M=M, seed=12, h=1, zo="perturb")
+    c = _samples(net, sch, REWARD, U, params, M=M, seed=13, h=1, zo="perturb_chain")
+    crit = fisher.ppf(1 - (1 - CONF) / 4, M - 1, M - 1)
+    ratio = lambda hi, lo: (hi.var(0) / lo.var(0)).min().item()  # noqa: E731
+    r = {"ho/fo": ratio(b["ho"], a["fo"]), "zo/ho": ratio(a["zo"], b["ho"]), "zo_chain/ho": ratio(c["zo"], b["ho"])}
+    print(r, {k: v.var(0).mean().item() for k, v in a.items()}, c["zo"].var(0).mean().item())
+    assert min(r.values()) > crit
 
 
 def test_parameter_perturbation_bias_shrinks_with_sigma():
-    """zo="perturb" estimates the gradient of the Gaussian-smoothed objective: bias O(sigma^2). Only the output
+    """zo="perturb" and "perturb_chain" estimate the gradient of the Gaussian-smoothed objective: bias O(sigma^2). Only the output
     bias is trained (2 parameters, bounded reward, so large sigmas stay finite) and h = 0 so that ZO covers
     every step but the last. Same seeds at every sigma (common random numbers). Measured |mean - exact| (M = 300,
-    batch 64): sigma 2: 0.059 (z = 12.0), 1: 0.028 (z = 4.8), 0.5: 0.0084 (z = 1.2); roughly x4 per halving."""
+    batch 64): sigma 2: 0.051 (z = 11.1), 1: 0.024 (z = 3.7), 0.5: 0.010 (z = 1.4); one chain: sigma 2: 0.059
+    (z = 31.7), 0.5: 0.010 (z = 1.1)."""
     net, sch = _toy()
     net.requires_grad_(False)
     net.out.bias.requires_grad_(True)
@@ -109,26 +173,66 @@ def test_parameter_perturbation_bias_shrinks_with_sigma():
     for sigma in (2.0, 1.0, 0.5):
         S = sum(_samples(net, sch, BUMP, U, params, m=64, h=0, zo="perturb", zo_sigma=sigma).values())
         bias[sigma], z[sigma] = (S.mean(0) - exact[0]).norm().item(), _z(S, exact)
+    for sigma in (2.0, 0.5):  # the paper's one-chain form (antithetic halves): the same smoothed objective
+        S = sum(_samples(net, sch, BUMP, U, params, m=64, h=0, zo="perturb_chain", zo_sigma=sigma).values())
+        bias["chain", sigma], z["chain", sigma] = (S.mean(0) - exact[0]).norm().item(), _z(S, exact)
     print(bias, z)
     assert bias[2.0] > bias[1.0] > bias[0.5]
     assert z[2.0] > z_crit and z[0.5] < z_crit
+    assert z["chain", 2.0] > z_crit and z["chain", 0.5] < z_crit
 
 
 def test_ho_rerun_reproduces_the_stored_chain_and_h1_is_ddpo(lab):
-    """The sub-chain re-run from sg[x^(j)] with the stored noises lands exactly on the stored x^(L)."""
+    """(1) The sub-chain re-run from sg[x^(j)] with the stored noises lands exactly on the stored x^(L). (2) h = 1:
+    make_parts' HO part equals DDPO's per-step REINFORCE term mean_b A_b grad log p(x^(j+1) | x^(j)), computed here
+    independently on the replayed chain (x_T, then j, then the chain's noises, from the same generator) with
+    sampling.transition_log_prob and A = r - leave-one-out mean, at every start j (gradients to 1e-10). (3) h = 1
+    with the inherent ZO: FO + HO + ZO is the same estimate whatever j is (HO at j is ZO's term at j)."""
     net, sch = lab["net"], lab["sch"]
-    cfg = rlr.RLRConfig(batch=8, n_steps=T, h=3)
     ts = [3, 2, 1, 0]
     x_T = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x0, traj = sample(net, sch, x_T, ts, cfg.eta, generator=torch.Generator().manual_seed(1))
-    x_L, _ = sample(net, sch, traj.states[0], ts[0:2], cfg.eta, noises=traj.noises[0:2], final_timestep=ts[2])
+    x0, traj = sample(net, sch, x_T, ts, 1.0, generator=torch.Generator().manual_seed(1))
+    x_L, _ = sample(net, sch, traj.states[0], ts[0:2], 1.0, noises=traj.noises[0:2], final_timestep=ts[2])
     torch.testing.assert_close(x_L, traj.states[2], rtol=0, atol=1e-14)
-    # h = 1 without ZO: FO + A * grad log p at the drawn step, A = r - leave-one-out mean
-    parts_fn = rlr.make_parts(sch, REWARD, rlr.RLRConfig(batch=8, n_steps=T, h=1, zo="none"), shape=SHAPE)
-    out, stats = parts_fn(net, torch.Generator().manual_seed(3))
-    assert set(out) == {"fo", "ho"} and 0 <= stats["j"] <= T - 2
-    r = torch.tensor([1.0, 2.0, 6.0])
-    torch.testing.assert_close(rlr.advantages(r, "loo"), torch.tensor([-3.0, -1.5, 4.5]))
+    params, totals = lab["params"], []
+    for j in range(T - 1):
+        cfg = rlr.RLRConfig(batch=8, n_steps=T, h=1, zo="none", j_dist="range", j_range=(j, j))
+        out, stats = rlr.make_parts(sch, REWARD, cfg, shape=SHAPE)(net, torch.Generator().manual_seed(3))
+        assert set(out) == {"fo", "ho"} and stats["j"] == j
+        g = torch.Generator().manual_seed(3)
+        x_T, _ = draw_start(net, 8, SHAPE, None, g)
+        torch.randint(j, j + 1, (1,), generator=g)  # the draw of j
+        with torch.no_grad():
+            x0, traj = sample(net, sch, x_T, ts, 1.0, generator=g)
+        r = REWARD(x0)
+        A = r - (r.sum() - r) / (len(r) - 1)
+        ddpo_term = (A * transition_log_prob(net, sch, traj.states[j], traj.states[j + 1], ts[j], prev_timesteps(ts)[j], 1.0)).mean()
+        torch.testing.assert_close(flat_grad(out["ho"], params), flat_grad(ddpo_term, params), rtol=1e-10, atol=1e-12)
+        cfg = rlr.RLRConfig(batch=8, n_steps=T, h=1, j_dist="range", j_range=(j, j))
+        out, _ = rlr.make_parts(sch, REWARD, cfg, shape=SHAPE)(net, torch.Generator().manual_seed(3))
+        totals.append(flat_grad(sum(out.values()), params))
+    for t in totals[1:]:
+        torch.testing.assert_close(t, totals[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rlr.advantages(torch.tensor([1.0, 2.0, 6.0]), "loo"), torch.tensor([-3.0, -1.5, 4.5]))
+
+
+def test_batched_step_log_probs_equal_the_separate_transition_log_probs(lab):
+    """estimators.step_log_probs puts several steps into ONE network call (a per-row timestep tensor): equal to
+    transition_log_prob step by step, in value and gradient, in any step order, summed and per dimension."""
+    net, sch = lab["net"], lab["sch"]
+    ts = [3, 2, 1, 0]
+    x_T = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, traj = sample(net, sch, x_T, ts[:-1], 1.0, generator=torch.Generator().manual_seed(1), final_timestep=0)
+    for reduce in ("sum", "mean"):
+        got = step_log_probs(net, sch, traj, [2, 0, 1], 1.0, reduce=reduce)
+        want = torch.stack([transition_log_prob(net, sch, traj.states[m], traj.states[m + 1], ts[m], prev_timesteps(ts)[m],
+                                                1.0, reduce=reduce) for m in (2, 0, 1)])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        w = torch.arange(24, dtype=torch.float64).view(3, 8)
+        torch.testing.assert_close(flat_grad((w * got).sum(), lab["params"]), flat_grad((w * want).sum(), lab["params"]))
+    with pytest.raises(ValueError, match="steps"):
+        step_log_probs(net, sch, traj, [3], 1.0)
 
 
 def test_j_range_and_weights_are_respected():
@@ -208,6 +312,13 @@ def test_grad_norm_p_j_is_what_it_claims():
     loss_fn.load_state_dict({"j_norms": norms})
     torch.testing.assert_close(loss_fn.j_dist.probs(), parts_fn.j_dist.probs())
     assert loss_fn.state_dict() == {"j_norms": norms}
+    # the paper's form (j_dist="softmax"): p_j = exp(n_j / tau) / sum_k exp(n_k / tau), an unseen start at the mean
+    jn = rlr.GradNormJ(3, floor=0.2, decay=0.9, form="softmax", temperature=2.0)
+    jn.norms = [1.0, None, 3.0]
+    e = [math.exp(v / 2.0) for v in (1.0, 2.0, 3.0)]
+    torch.testing.assert_close(jn.probs(), torch.tensor([v / sum(e) for v in e], dtype=torch.float64))
+    loss_fn = rlr.make_loss(sch, REWARD, rlr.RLRConfig(batch=8, n_steps=T, h=2, j_dist="softmax"), shape=SHAPE)
+    assert loss_fn.j_dist.form == "softmax" and 0 < loss_fn(net, 0, g)[1]["p_j"] <= 1
 
 
 def test_budget_h_star():
@@ -219,6 +330,19 @@ def test_budget_h_star():
     with pytest.raises(ValueError, match="b_h"):
         budget.h_star(30, b_h=0.2, b_z=0.24, n_steps=50)
     assert budget.h_star(1e9, b_h=8, b_z=0.24, n_steps=50) == 49  # capped: the last step is FO's
+    h = budget.h_star(30, b_h=8, b_z=0.24, n_steps=50)
+    assert not h.variance_bound_applied and "NOT applied" in repr(h) and str(h) == "2"
+    # the paper's variance bound floor(T V_z / (2 (V_z - V_h)) - 1), by hand: T = 10, V_h = 0.2, V_z = 1.0:
+    # 10 / 1.6 - 1 = 5.25 -> 5 (binds: memory allows 9); T = 50, V_h = 0.5, V_z = 2: 100 / 3 - 1 = 32.3 -> 32;
+    # V_h = 0, V_z = 1: T / 2 - 1 = 24; at B = 30 GB the memory bound (2) binds
+    h = budget.h_star(1e9, b_h=8, b_z=0.24, n_steps=10, v_h=0.2, v_z=1.0)
+    assert (h, h.memory_bound, h.variance_bound, h.variance_bound_applied) == (5, 9, 5, True)
+    assert budget.h_star(1e9, b_h=8, b_z=0.24, n_steps=50, v_h=0.5, v_z=2.0) == 32
+    assert budget.h_star(1e9, b_h=8, b_z=0.24, n_steps=50, v_h=0.0, v_z=1.0) == 24
+    assert budget.h_star(30, b_h=8, b_z=0.24, n_steps=50, v_h=0.0, v_z=1.0) == 2
+    for v_h, v_z in ((1.0, 1.0), (2.0, 1.0), (None, 1.0), (-0.1, 1.0)):
+        with pytest.raises(ValueError, match="v_h"):
+            budget.h_star(30, b_h=8, b_z=0.24, n_steps=50, v_h=v_h, v_z=v_z)
     net, sch = _toy()
     b = budget.measure(net.float(), sch, shape=SHAPE, batch=32, n_steps=T)
     # a perturbation step saves nothing for backward; an inherent-noise ZO step saves about what a backprop step
@@ -258,6 +382,8 @@ def test_registry_training_is_deterministic_and_nan_stops_training():
             hist = train(model, loss_fn, TrainConfig(steps=3, lr=1e-3, seed=5, progress=False))
             runs.append(([r["loss"] for r in hist], [p.detach().clone() for p in model.parameters()]))
         assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+        # the logged loss is the FO part, -c_FO * mean reward, not the surrogates' value
+        assert all(r["loss"] == pytest.approx(-cfg.coef_fo * r["reward"], rel=1e-6) for r in hist)
     nan = Reward(lambda x, c=None: x.sum(1) * float("nan"), "nan")
     loss_fn, _ = build("rlr", sch, nan, shape=SHAPE, batch=8, n_steps=T)
     with pytest.raises(Exception, match="step"):
@@ -270,7 +396,8 @@ def test_registry_training_is_deterministic_and_nan_stops_training():
     (dict(j_dist="weighted", j_weights=(1, 1, 1)), "j_weights"), (dict(baseline="mean"), "baseline"),
     (dict(j_dist="grad_norm", j_floor=0.0), "j_floor"), (dict(j_floor=1.5), "j_floor"), (dict(j_decay=1.0), "j_decay"),
     (dict(batch=1), "baseline"), (dict(eta=0.0), "eta"), (dict(variant="ppo"), "variant"),
-    (dict(variant="released", released_terms=3), "released_terms"),
+    (dict(variant="released", released_terms=3), "released_terms"), (dict(zo_subsample=-1), "zo_subsample"),
+    (dict(j_dist="softmax", j_temperature=0.0), "j_temperature"), (dict(zo="perturb_chain", batch=5), "batch"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, argname):
     with pytest.raises(ValueError, match=argname):

@@ -5,6 +5,10 @@ the other T - 1 - h steps zeroth-order (B_z each), the memory is h B_h + (T - 1 
 
     h* = floor((B - B_z (T - 1)) / (B_h - B_z))          capped at T - 1
 
+and, with the measured variances V_h (HO) and V_z (ZO) of one step's estimator, the paper's variance bound
+
+    h* <= floor(T V_z / (2 (V_z - V_h)) - 1)             (applied only when V_h and V_z are given; the result says)
+
 (the authors: B_h = 8 GB, B_z = 0.24 GB on SD1.4, T = 50, so h* = 2 for 30-40 GB). A budget below one full
 chain of perturbation steps, B < B_z (T - 1), allows no RLR at all and is refused.
 
@@ -27,6 +31,7 @@ not yet released, each storage once), which is what a memory budget is about.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -35,8 +40,34 @@ from minialign.sampling import plan_full, sample, transition_log_prob
 from minialign.schedule import prev_timesteps, timesteps
 
 
-def h_star(budget: float, b_h: float, b_z: float, n_steps: int) -> int:
-    """The paper's h* = floor((B - B_z (T - 1)) / (B_h - B_z)), capped at T - 1. Units: any, the same for all."""
+class HStar(int):
+    """h* as an int, with how it was bounded: memory_bound, variance_bound (None when V_h, V_z were not given),
+    variance_bound_applied, and a sentence saying which bound decided (str(h) is the number, repr the sentence)."""
+
+    def __new__(cls, value: int, memory_bound: int, variance_bound=None):
+        h = super().__new__(cls, value)
+        h.memory_bound, h.variance_bound = memory_bound, variance_bound
+        h.variance_bound_applied = variance_bound is not None
+        if variance_bound is None:
+            h.note = (f"h* = {value} from the memory bound only; the variance bound was NOT applied "
+                      f"(give v_h and v_z, e.g. measured with minialign.measure.lab)")
+        else:
+            h.note = f"h* = {value} = min(memory bound {memory_bound}, variance bound {variance_bound})"
+        return h
+
+    def __repr__(self):
+        return f"HStar({self.note})"
+
+    def __str__(self):
+        return str(int(self))
+
+
+def h_star(budget: float, b_h: float, b_z: float, n_steps: int, v_h: Optional[float] = None,
+           v_z: Optional[float] = None) -> HStar:
+    """The paper's h*: the memory bound floor((B - B_z (T - 1)) / (B_h - B_z)), capped at T - 1, and, given the
+    variances V_h of the HO and V_z of the ZO estimator (one step, the same units), also the variance bound
+    h* <= floor(T V_z / (2 (V_z - V_h)) - 1) (it needs V_z > V_h >= 0). Without V_h and V_z the result says the
+    variance bound was not applied (HStar.variance_bound_applied False). Units of B, B_h, B_z: any, the same."""
     if not isinstance(n_steps, int) or n_steps < 2:
         raise ValueError(f"n_steps must be an int >= 2 (one FO step and at least one more), got {n_steps!r}")
     if not b_z >= 0 or not b_h > b_z:
@@ -45,7 +76,14 @@ def h_star(budget: float, b_h: float, b_z: float, n_steps: int) -> int:
     if not budget >= floor:
         raise ValueError(f"budget {budget} is below one full chain of perturbation steps, B_z (T - 1) = {b_z} x "
                          f"{n_steps - 1} = {floor}: no h fits; give budget >= {floor}")
-    return min(math.floor((budget - floor) / (b_h - b_z)), n_steps - 1)
+    memory = min(math.floor((budget - floor) / (b_h - b_z)), n_steps - 1)
+    if v_h is None and v_z is None:
+        return HStar(memory, memory)
+    if v_h is None or v_z is None or not (0 <= v_h < v_z and math.isfinite(v_z)):
+        raise ValueError(f"v_h and v_z must both be given with 0 <= v_h < v_z finite (the paper's bound assumes the HO "
+                         f"estimator is less noisy than the ZO one), got v_h={v_h}, v_z={v_z}")
+    variance = math.floor(n_steps * v_z / (2 * (v_z - v_h)) - 1)
+    return HStar(min(memory, variance), memory, variance)
 
 
 def measure(model, schedule, *, shape, batch: int = 32, n_steps: int = 50, eta: float = 1.0, cond=None) -> dict:
