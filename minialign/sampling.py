@@ -20,7 +20,7 @@ A `StepPlan` says, for one step:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -98,7 +98,6 @@ class Trajectory:
     sigmas: list[float]
     log_probs: Optional[list[torch.Tensor]] = None
     final_timestep: int = -1
-    extras: dict = field(default_factory=dict)
 
     def prev_timestep(self, i: int) -> int:
         return prev_timesteps(self.timesteps, self.final_timestep)[i]

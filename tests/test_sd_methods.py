@@ -20,7 +20,7 @@ from minialign.train import TrainConfig, train
 
 PROMPTS = ["a red digit seven", "a blue digit one"]
 SHORTFT = dict(n_steps=10)  # 4 leading steps (751, 501, 251, 1) hold the anchors themselves: no jump to shortcut
-PER_METHOD = {"shortft": SHORTFT, "sft_pg": dict(n_critic=1, n_generator=1)}
+PER_METHOD = {"sft_pg": dict(n_critic=1, n_generator=1)}
 
 
 def _pipe():
@@ -64,13 +64,14 @@ def test_distilled_shortcut_fits_the_pipelines_own_trajectory(shortcut):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_registered_method_trains_lora_on_the_pipeline(name, shortcut):
     """build_sd + 2 train() steps, guidance 2, brightness of the decoded image: finite losses and rewards, every LoRA
-    B matrix moved (B = 0 at init, so this needs a gradient), no base UNet weight moved."""
+    B matrix moved (B = 0 at init, so this needs a gradient; those of the adapters a method's prepare hook added, if
+    it added any), no base UNet weight moved."""
     pipe = _pipe()
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     add_lora(pipe)
     lora_b = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "lora_B" in n}
     m = REGISTRY[name]
-    kw = {"batch": 2, "n_steps": 4, **PER_METHOD.get(name, {})}
+    kw = {"batch": 2, "n_steps": 4, **(SHORTFT if m.extra is not None else {}), **PER_METHOD.get(name, {})}
     if m.needs_data:
         kw.update(data=encode_images(pipe, _images()))
     if m.extra is not None:
@@ -81,10 +82,12 @@ def test_every_registered_method_trains_lora_on_the_pipeline(name, shortcut):
     hist = train(den, loss_fn, TrainConfig(steps=2, lr=1e-3, seed=0, progress=False))
     assert len(hist) == 2
     assert all(torch.isfinite(torch.tensor([r["loss"], r.get("reward", 0.0)])).all() for r in hist), hist
+    b_now = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    added = set(b_now) - set(lora_b)  # adapters the method's prepare hook added (T-LoRA's segments) train instead
+    for n in added or lora_b:
+        assert (b_now[n] - lora_b.get(n, 0.0)).abs().max() > 0, n
     for n, p in pipe.unet.named_parameters():
-        if "lora_B" in n:
-            assert (p - lora_b[n]).abs().max() > 0, n
-        elif "lora_" not in n:
+        if "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")]), n
 
 

@@ -101,9 +101,9 @@ def test_sampler_output_is_the_unrolled_skip_form(eta):
         eps = [net(x, torch.full((4,), t), None) for x, t in zip(traj.states, ts)]
     unrolled = A * x_T + sum(ci * e for ci, e in zip(c, eps)) + sum(di * z for di, z in zip(d, traj.noises))
     torch.testing.assert_close(x0, unrolled, rtol=1e-10, atol=1e-12)
-    if eta == 0:  # DDIM: c_i = lambda_{s} - lambda_{t}, lambda = sqrt((1 - abar) / abar)
-        lam = [sdo.lambda_gap(sch, t, s) for t, s in zip(ts, ts[1:] + [-1])]
-        assert c == pytest.approx(lam, rel=1e-10)
+    if eta == 0:  # DDIM: c_i = lambda_{s} - lambda_{t}, lambda = sqrt((1 - abar) / abar) (an independent formula)
+        lam = lambda u: math.sqrt((1 - sch.abar(u)) / sch.abar(u))  # noqa: E731
+        assert c == pytest.approx([lam(s) - lam(t) for t, s in zip(ts, ts[1:] + [-1])], rel=1e-10)
 
 
 def test_latent_gradient_is_autograd_of_the_skip_formula():
@@ -186,7 +186,7 @@ def test_bad_config(bad, match):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(method="exact"), "method must be one of"), (dict(iters=0), "iters must be"), (dict(lr=0.0), "lr must be"),
+    (dict(plan="exact"), "plan must be one of"), (dict(method="exact"), "method .deprecated"), (dict(iters=0), "iters must be"), (dict(lr=0.0), "lr must be"),
     (dict(start=4), r"start .* \[0, 3\]"), (dict(shape=None), "shape"), (dict(seconds=0), "seconds"),
 ])
 def test_optimize_latent_bad_input(bad, match):
@@ -194,19 +194,19 @@ def test_optimize_latent_bad_input(bad, match):
     kw = {**dict(shape=SHAPE, n_steps=4, iters=2), **bad}
     with pytest.raises(ValueError, match=match):
         optimize_latent(net, sch, REWARD, **kw)
-    with pytest.raises(ValueError, match="method must be one of"):
-        sdo.latent_plan(3, "full")
+    with pytest.raises(ValueError, match="plan must be one of"):
+        sdo.latent_plan(3, "full_bp")  # a registered method's name, not a sampler plan
 
 
-@pytest.mark.parametrize("method", ["sdo", "sdo_skip", "full_bp", "full_bp_ckpt"])
-def test_optimize_latent_raises_the_reward_on_the_toy(method):
+@pytest.mark.parametrize("plan", ["sdo", "sdo_skip", "full", "full_ckpt"])
+def test_optimize_latent_raises_the_reward_on_the_toy(plan):
     net, sch = _toy()
     net.requires_grad_(False)
-    z, x0, hist = optimize_latent(net, sch, REWARD, shape=SHAPE, batch=8, n_steps=10, iters=30, lr=0.1, method=method)
+    z, x0, hist = optimize_latent(net, sch, REWARD, shape=SHAPE, batch=8, n_steps=10, iters=30, lr=0.1, plan=plan)
     assert z.shape == (8, 2) and x0.shape == (8, 2) and not z.requires_grad
     assert len(hist) == 31 and hist[-1]["reward"] > hist[0]["reward"] + 0.5
     assert all(b["seconds"] >= a["seconds"] for a, b in zip(hist, hist[1:]))
-    again = optimize_latent(net, sch, REWARD, shape=SHAPE, batch=8, n_steps=10, iters=30, lr=0.1, method=method)
+    again = optimize_latent(net, sch, REWARD, shape=SHAPE, batch=8, n_steps=10, iters=30, lr=0.1, plan=plan)
     assert torch.equal(again[0], z)  # deterministic under the seed
     with torch.no_grad():  # x0 is the chain's sample from z
         ref, _ = sample(net, sch, z, timesteps(sch.T, 10, "trailing"), 0.0)
@@ -224,3 +224,13 @@ def test_optimize_latent_intermediate_latent_and_digits_model():
     assert z.shape == x0.shape == (2, 1, 8, 8)
     assert hist[-1]["reward"] > hist[0]["reward"]
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_optimize_latent_old_method_keyword_warns_and_means_the_same_plan():
+    """method="full_bp" (notebook 04's spelling) is the plan "full": the same latent, with a DeprecationWarning."""
+    net, sch = _toy()
+    net.requires_grad_(False)
+    kw = dict(shape=SHAPE, batch=4, n_steps=4, iters=3, lr=0.1)
+    with pytest.warns(DeprecationWarning, match="plan="):
+        z_old = optimize_latent(net, sch, REWARD, method="full_bp", **kw)[0]
+    assert torch.equal(z_old, optimize_latent(net, sch, REWARD, plan="full", **kw)[0])

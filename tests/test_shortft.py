@@ -179,8 +179,7 @@ def test_registered_and_built_with_the_shipped_shortcut():
     if not (store.DATA_DIR / "shortcut_gmm.safetensors").exists():
         pytest.skip("no shipped shortcut_gmm (python -m minialign.methods.shortcut gmm)")
     base, sch, _ = store.load("gmm")
-    m = methods.get("shortft")
-    loss_fn, cfg = methods.build("shortft", sch, REWARD, shape=SHAPE, extra=m.extra("gmm"), batch=8)
+    loss_fn, cfg = methods.setup("shortft", sch, REWARD, shape=SHAPE, kind="toy", context={"model_name": "gmm"}, batch=8)
     model = copy.deepcopy(base).requires_grad_(True)
     loss, stats = loss_fn(model, 0, torch.Generator().manual_seed(0))
     loss.backward()

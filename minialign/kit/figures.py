@@ -11,16 +11,15 @@ that step contributes to the gradient with respect to the network's parameters:
     no graph      sampled without graph; contributes nothing
     not run       the chain stops earlier (ReFL scores x0_hat at its step)
 
-Rows built from the sampler's own plan functions (full backprop, DRaFT-K, AlignProp, SDO) use them, so the
-picture follows the code; RLR, ReFL, DDPO, SFT-PG and ShortFT are drawn from their definitions (methods/).
-A method that draws its step at random (AlignProp's K, DRaFT-LV's noise, ReFL's t, SDO's k, RLR's j) is shown
-at one example draw, marked with a dot.
+Each row is the method's own: its registry entry's `row` hook (minialign.methods.plan_rows) builds it from the
+method's default config on this chain, through the sampler's plan functions (full backprop, DRaFT-K, AlignProp,
+SDO), ShortFT's `layout`, or the method's definition (RLR, ReFL, DDPO, SFT-PG); a method that declares no row is
+drawn as "no picture". A method that draws its step at random (AlignProp's K, DRaFT-LV's noise, ReFL's t, SDO's k,
+RLR's j) is shown at one example draw, marked with a dot.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
-
-from minialign.sampling import plan_full, plan_one_step, plan_truncated
 
 KINDS = {  # kind: (colour, legend text)
     "graph": ("#1f5fa8", "network with graph (pathwise)"),
@@ -31,8 +30,7 @@ KINDS = {  # kind: (colour, legend text)
     "no graph": ("#f2f2f2", "no graph (sampled only)"),
     "not run": ("#ffffff", "not run"),
 }
-DEFAULT_METHODS = ("full_bp", "full_bp_ckpt", "draft_k", "alignprop", "draft_lv", "refl", "sdo", "rlr", "shortft",
-                   "ddpo", "sft_pg")
+CELLS = set(KINDS) | {"likelihood+graph"}  # + a graph step that is also the likelihood ratio (RLR's HO end)
 
 
 def from_plan(plan) -> list[str]:
@@ -49,69 +47,66 @@ def from_plan(plan) -> list[str]:
     return kinds
 
 
-def rows(n_steps: int = 10, k: int = 3, example: Optional[int] = None, h: int = 2) -> dict[str, tuple[list[str], bool]]:
-    """{method name: (kinds per step, drawn at random)} for a chain of n_steps (>= 6); k: DRaFT-K's K;
-    example: the example random step (default n_steps // 2); h: RLR's sub-chain length."""
-    if not isinstance(n_steps, int) or n_steps < 6:
+def rows(n_steps: int = 10, example: Optional[int] = None, methods: Optional[Sequence[str]] = None,
+         overrides: Optional[dict] = None) -> dict[str, Optional[tuple[list[str], Optional[int], Optional[str]]]]:
+    """{method name: (kinds per step, the cell of the example random draw or None, note)} for a chain of n_steps (>= 6), each from the method's
+    registry `row` hook on its default config for that chain (None for a method that declares no row).
+    methods: registry names (default: every registered method); example: the step shown for a random draw
+    (default: the middle of each method's range); overrides: {method: config fields} (e.g. {"draft_k": {"k": 3}})."""
+    from minialign.methods import REGISTRY, get
+
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 6:
         raise ValueError(f"n_steps must be an int >= 6 (the picture needs room for every method), got {n_steps!r}")
-    if not isinstance(k, int) or not 1 <= k <= n_steps:
-        raise ValueError(f"k must be an int in 1..n_steps={n_steps}, got {k!r}")
-    if not isinstance(h, int) or not 1 <= h <= n_steps - 2:
-        raise ValueError(f"h must be an int in 1..n_steps-2={n_steps - 2}, got {h!r}")
-    j = n_steps // 2 if example is None else example
-    if not isinstance(j, int) or not 0 <= j <= n_steps - 1 - h:
-        raise ValueError(f"example must be a step in 0..n_steps-1-h={n_steps - 1 - h}, got {example!r}")
-    n = n_steps
-    refl = ["no graph"] * j + ["graph"] + ["not run"] * (n - j - 1)
-    rlr = ["likelihood"] * n
-    rlr[j:j + h] = ["graph"] * h
-    rlr[j + h - 1] = "likelihood+graph"  # HO: steps j..L-1 re-run with graph, the likelihood ratio at L = j + h - 1
-    rlr[-1] = "graph"
-    short = ["no graph"] * (n - 8) + ["graph", "input only", "input only", "graph", "input only", "input only",
-                                      "graph", "graph"]
-    return {
-        "full_bp": (from_plan(plan_full(n)), False),
-        "full_bp_ckpt": (from_plan(plan_full(n, checkpoint=True)), False),
-        "draft_k": (from_plan(plan_truncated(n, k)), False),
-        "draft_1": (from_plan(plan_truncated(n, 1)), False),
-        "alignprop": (from_plan(plan_truncated(n, n - j, keep_path=True)), True),
-        "draft_lv": (from_plan(plan_truncated(n, 1)), True),
-        "refl": (refl, True),
-        "sdo": (from_plan(plan_one_step(n, j)), True),
-        "rlr": (rlr, True),
-        "shortft": (short, False),
-        "ddpo": (["likelihood"] * n, False),
-        "sft_pg": (["likelihood"] * n, False),
-    }
-
-
-NOTES = {"draft_lv": "x0 re-noised and denoised n times", "refl": "reward on x0_hat at a random late step",
-         "rlr": "j random; FO last, HO j..j+h, ZO elsewhere", "shortft": "schematic: 3 trainable steps, 3 jumps",
-         "sft_pg": "reward = a learned critic", "alignprop": "K random", "sdo": "k random"}
+    if example is not None and (not isinstance(example, int) or not 0 <= example <= n_steps - 1):
+        raise ValueError(f"example must be None or a step in 0..n_steps-1={n_steps - 1}, got {example!r}")
+    overrides = overrides or {}
+    out = {}
+    for name in (list(REGISTRY) if methods is None else methods):
+        m = get(name)
+        if m.row is None:
+            out[name] = None
+            continue
+        batch = m.make_config().batch
+        cfg = m.make_config(**{**m.chain_overrides(n_steps, batch), "n_steps": n_steps, **overrides.get(name, {})})
+        cells, drawn, note = m.row(cfg, example)
+        cells = list(cells)
+        kinds = from_plan(cells) if cells and not isinstance(cells[0], str) else cells
+        if len(kinds) != n_steps or not set(kinds) <= CELLS:
+            raise ValueError(f"{name}'s plan row must give one of {sorted(CELLS)} per step ({n_steps}), got {kinds}")
+        out[name] = (kinds, drawn, note)
+    return out
 
 
 def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=None, highlight: Optional[str] = None,
-                k: int = 3):
-    """Draw the gradient plans of `methods` (registry names; default: all the families) on `ax`; returns ax.
-    highlight: one method whose row label is drawn in bold (the notebook's own method)."""
+                example: Optional[int] = None, overrides: Optional[dict] = None):
+    """Draw the gradient plans of `methods` (registry names; default: every registered method) on `ax`; returns ax.
+    highlight: one method whose row label is drawn in bold (the notebook's own method); example, overrides: as
+    `rows`. A method that declares no plan row is drawn as "no picture"."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.transforms import offset_copy
 
     from minialign.methods import REGISTRY
 
-    table = rows(n_steps, k=k)
-    methods = list(DEFAULT_METHODS if methods is None else methods)
-    unknown = [m for m in methods if m not in table]
+    methods = list(REGISTRY if methods is None else methods)
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown or not methods:
-        raise ValueError(f"methods must be a non-empty list from {sorted(table)}, got unknown {unknown or methods}")
+        raise ValueError(f"methods must be a non-empty list from {sorted(REGISTRY)}, got unknown {unknown or methods}")
     if highlight is not None and highlight not in methods:
         raise ValueError(f"highlight must be one of methods {methods}, got {highlight!r}")
+    table = rows(n_steps, example, methods, overrides)
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 0.48 * len(methods) + 1.6))
     for r, name in enumerate(methods):
-        kinds, random = table[name]
         y = len(methods) - 1 - r
+        label = REGISTRY[name].label
+        ax.text(-0.3, y + 0.5, label, ha="right", va="center", fontsize=10,
+                fontweight="bold" if name == highlight else "normal")
+        if table[name] is None:
+            ax.text(n_steps / 2, y + 0.5, "no picture (the method declares no plan row)", ha="center", va="center",
+                    fontsize=9, color="#888888")
+            continue
+        kinds, drawn, note = table[name]
         for i, kind in enumerate(kinds):
             both = kind == "likelihood+graph"
             colour = KINDS["graph" if both else kind][0]
@@ -119,14 +114,10 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
             if both:
                 ax.add_patch(Rectangle((i, y + 0.1), 0.92, 0.8, facecolor="none", edgecolor=KINDS["likelihood"][0],
                                        lw=3))
-        if random:
-            where = next(i for i, kd in enumerate(kinds) if kd in ("graph", "likelihood+graph"))
-            ax.plot(where + 0.46, y + 0.5, "o", color="white", ms=5, mec="black")
-        label = REGISTRY[name].label if name in REGISTRY else name
-        ax.text(-0.3, y + 0.5, label, ha="right", va="center", fontsize=10,
-                fontweight="bold" if name == highlight else "normal")
-        if name in NOTES:
-            ax.text(n_steps + 0.2, y + 0.5, NOTES[name], ha="left", va="center", fontsize=9, color="#444444")
+        if drawn is not None:
+            ax.plot(drawn + 0.46, y + 0.5, "o", color="white", ms=5, mec="black")
+        if note:
+            ax.text(n_steps + 0.2, y + 0.5, note, ha="left", va="center", fontsize=9, color="#444444")
     ax.set_xlim(-0.1, n_steps + 0.1)
     ax.set_ylim(0, len(methods))
     ax.set_xticks([i + 0.46 for i in range(n_steps)], [f"{i + 1}" for i in range(n_steps)], fontsize=9)

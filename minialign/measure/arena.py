@@ -92,9 +92,15 @@ class _Counter:
 
 
 def _setup(task, name, model, schedule, reward, overrides, batch):
+    """(loss_fn, cfg) through the registry (methods.setup): the task's chain, the method's own chain overrides and
+    extras for this kind of model, then the caller's overrides; prepares `model` (e.g. T-LoRA's adapters) before
+    any optimiser is built from its trainable parameters."""
+    from minialign.measure.tasks import SDTask
+
     chain = dict(n_steps=task.n_steps, batch=batch or task.batch, **task.chain)
-    extra = registry.get(name).extra and registry.get(name).extra(task.model)  # e.g. ShortFT's shortcut
-    return registry.build(name, schedule, reward, shape=task.shape, cond=task.train_cond(), extra=extra,
+    kind = "sd" if isinstance(task, SDTask) else "toy"
+    return registry.setup(name, schedule, reward, shape=task.shape, cond=task.train_cond(), kind=kind,
+                          context={"model_name": task.model}, model=model,
                           **{**chain, **(overrides or {}).get(name, {})})
 
 

@@ -28,6 +28,7 @@ Nothing is asserted about the times (see README's table); they are measured side
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ MODELS = ("toy2d", "digits")
 
 def bench_methods() -> list[str]:
     """`nograd` plus every registered method that maximises a reward (SFT-PG matches data: not benched)."""
-    return ["nograd"] + [n for n, m in registry.REGISTRY.items() if not m.needs_data]
+    return ["nograd"] + registry.names(reward=True)
 
 
 def setup(model_name: str, device: str = "cpu"):
@@ -91,11 +92,10 @@ def make_step(method: str, model, schedule, reward, shape, cond, n_steps: int, b
 
         return "one sampling chain, no graph", nograd, None
     m = registry.get(method)
-    over = {"n_steps": n_steps, "batch": batch}
-    if "k" in m.defaults and not m.defaults.get("random_k"):
-        over["k"] = min(m.defaults["k"], n_steps)
-    extra = m.extra(model_name) if m.extra is not None else None
-    loss_fn, _ = registry.build(method, schedule, reward, shape=shape, cond=cond, extra=extra, **over)
+    if m.prepare is not None:  # it changes the model it trains (T-LoRA's adapters): its own copy
+        model = copy.deepcopy(model)
+    loss_fn, _ = registry.setup(method, schedule, reward, shape=shape, cond=cond, kind="toy",
+                                context={"model_name": model_name}, model=model, n_steps=n_steps, batch=batch)
 
     def forward(seed):
         return loss_fn(model, 0, torch.Generator(device=device).manual_seed(seed))[0]
@@ -106,10 +106,8 @@ def make_step(method: str, model, schedule, reward, shape, cond, n_steps: int, b
         model.zero_grad(set_to_none=True)
         return loss
 
+    forward.params = list(model.parameters())  # the model's own tensors, left out of the saved bytes
     return f"{m.label}: {m.description}", step, forward
-
-
-
 
 
 def _measure_isolated(method: str, **kw) -> float:
@@ -177,14 +175,16 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
-    methods = [m for m in ("nograd", "full_bp") if m not in methods] + methods  # the ratios' references
+    ref = registry.EXACT
+    methods = [m for m in ("nograd", ref) if m not in methods] + methods  # the ratios' references
     net, schedule, reward, shape, cond, note = setup(model, device)
     params = list(net.parameters())
     steps, saved, live, desc = {}, {}, {}, {}
     for m in methods:
         desc[m], steps[m], forward = make_step(m, net, schedule, reward, shape, cond, n_steps, batch, model, device)
-        saved[m] = saved_bytes(lambda: forward(0), exclude=params) if forward is not None else 0
-        live[m] = peak_saved_bytes(lambda: forward(0), exclude=params) if forward is not None else 0
+        own = params + getattr(forward, "params", [])
+        saved[m] = saved_bytes(lambda: forward(0), exclude=own) if forward is not None else 0
+        live[m] = peak_saved_bytes(lambda: forward(0), exclude=own) if forward is not None else 0
         for w in range(2):  # warm-up (allocator, kernel caches)
             steps[m](w)
     times = interleaved_times(steps, rounds, device, time.process_time if clock == "cpu" else time.perf_counter)
@@ -192,15 +192,15 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
     rows = []
     for m in methods:
         vs_nograd = [t / n for t, n in zip(times[m], times["nograd"])]
-        vs_full = [t / f for t, f in zip(times[m], times["full_bp"])]
+        vs_full = [t / f for t, f in zip(times[m], times[ref])]
         rows.append({"method": m, "description": desc[m], "seconds": statistics.median(times[m]), "times": times[m],
                      "time_vs_nograd": statistics.median(vs_nograd), "time_vs_nograd_range": [min(vs_nograd), max(vs_nograd)],
                      "time_vs_full_bp": statistics.median(vs_full), "time_vs_full_bp_range": [min(vs_full), max(vs_full)],
-                     "saved_bytes": saved[m], "saved_vs_full_bp": saved[m] / max(saved["full_bp"], 1),
-                     "peak_saved_bytes": live[m], "peak_saved_vs_full_bp": live[m] / max(live["full_bp"], 1),
+                     "saved_bytes": saved[m], "saved_vs_full_bp": saved[m] / max(saved[ref], 1),
+                     "peak_saved_bytes": live[m], "peak_saved_vs_full_bp": live[m] / max(live[ref], 1),
                      "peak_mb": _measure_isolated(m, **kw) if peak else None, "n_steps": n_steps, "batch": batch,
                      "weights": note, "threads": torch.get_num_threads()})
-    fb = next(r for r in rows if r["method"] == "full_bp")["peak_mb"]
+    fb = next(r for r in rows if r["method"] == ref)["peak_mb"]
     for r in rows:
         r["peak_vs_full_bp"] = None if r["peak_mb"] is None or not fb else r["peak_mb"] / fb
     return {"config": {**kw, "rounds": rounds, "clock": clock, "torch": torch.__version__}, "rows": rows}

@@ -42,7 +42,7 @@ def exact_gradient(model, schedule, reward, shape, n_samples: int, chunk: int = 
     """(full-backprop gradient averaged over n_samples, cosine between the averages of its two halves): the
     reference "exact" gradient of E[r(x_0)] and a check of its own accuracy (near 1 when n_samples suffices)."""
     chunk = min(chunk, max(1, n_samples // 2))
-    parts = estimates("full_bp", model, schedule, reward, shape, max(2, n_samples // chunk), seed, cond,
+    parts = estimates(registry.EXACT, model, schedule, reward, shape, max(2, n_samples // chunk), seed, cond,
                       **{**chain, "batch": chunk})
     half = len(parts) // 2
     return parts.mean(0), torch.cosine_similarity(parts[:half].mean(0), parts[half:].mean(0), 0).item()

@@ -34,13 +34,11 @@ from minialign import methods as registry
 from minialign.measure.bench import interleaved_times
 from minialign.measure.memory import peak_saved_bytes, saved_bytes
 from minialign.methods.chain import ChainConfig, chain_timesteps
-from minialign.methods.shortft import jumps, layout
 from minialign.sampling import plan_none, sample
 from minialign.sd.adapter import SDDenoiser, add_lora, latent_reward, schedule_from
 from minialign.rewards.image import brightness
 from minialign.sd.build import chain_of, latent_shape
 
-METHODS = ("full_bp_ckpt", "draft_1", "sdo", "shortft", "rlr", "ddpo")
 MODELS = ("tiny", "mini", "sd15")
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # with diffusers' defaults: SD 1.x's UNet (860M parameters)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -95,14 +93,16 @@ def setup(model: str, device: str = "cpu", width=None, seed: int = 0):
 
 def make_steps(pipe, cond, names, n_steps: int, batch: int, guidance_scale: float, device: str, autocast=None):
     """(denoiser, {name: (step(seed) -> loss after backward, forward(seed) -> loss with graph or None)}); adds LoRA."""
-    from minialign.methods.shortcut import Shortcut
     from minialign.sd.build import autocast_loss
 
     schedule, shape = schedule_from(pipe), latent_shape(pipe)
     reward = latent_reward(pipe, brightness())
-    frozen = copy.deepcopy(pipe.unet) if "shortft" in names else None  # before LoRA: the shortcut has none
+    extras = any(registry.get(n).extra is not None for n in names if n != "nograd")
+    frozen = copy.deepcopy(pipe.unet) if extras else None  # before LoRA: a frozen copy of the base for an extra
     add_lora(pipe)
     den = SDDenoiser(pipe, guidance_scale).train()
+    context = {"pipe": pipe, "guidance_scale": guidance_scale, "shortcut": None,
+               "frozen": None if frozen is None else SDDenoiser(SimpleNamespace(unet=frozen), guidance_scale)}
     out = {}
     for name in names:
         if name == "nograd":
@@ -116,21 +116,14 @@ def make_steps(pipe, cond, names, n_steps: int, batch: int, guidance_scale: floa
 
             out[name] = (nograd, None)
             continue
-        m = registry.get(name)
-        over = {**chain_of(pipe), "n_steps": n_steps, "batch": batch}
-        if "k" in m.defaults and not m.defaults.get("random_k"):
-            over["k"] = min(m.defaults["k"], n_steps)
-        if batch == 1 and "baseline" in m.config.__dataclass_fields__ and "baseline" not in m.defaults:
-            over["baseline"] = "none"  # RLR's leave-one-out baseline needs batch >= 2 (its cost is negligible)
-        cfg = m.make_config(**over)
-        extra = {}
-        if m.extra is not None:
-            segs = dict(jumps(layout(chain_timesteps(schedule, cfg), cfg.anchors, schedule.T)))
-            extra["shortcut"] = Shortcut(SDDenoiser(SimpleNamespace(unet=frozen), guidance_scale), segs)
-        loss_fn, _ = registry.build(name, schedule, reward, shape=shape, cond=cond, config=cfg, extra=extra)
+        own = den  # a method that prepares its model (T-LoRA's adapters) gets its own copy of the LoRA UNet
+        if registry.get(name).prepare is not None:
+            own = SDDenoiser(SimpleNamespace(unet=copy.deepcopy(pipe.unet)), guidance_scale).train()
+        loss_fn, _ = registry.setup(name, schedule, reward, shape=shape, cond=cond, kind="sd", context=context,
+                                    model=own, **chain_of(pipe), n_steps=n_steps, batch=batch)
         if autocast is not None:
             loss_fn = autocast_loss(loss_fn, autocast)
-        out[name] = _method_step(loss_fn, den, device)
+        out[name] = _method_step(loss_fn, own, device)
     return den, out
 
 
@@ -144,16 +137,19 @@ def _method_step(loss_fn, den, device):
         den.zero_grad(set_to_none=True)
         return loss
 
+    forward.params = list(den.parameters())  # the model's own tensors, left out of the saved bytes
     return step, forward
 
 
-def run(model: str = "tiny", n_steps: int = 50, batch: int = 1, methods=METHODS, rounds: int = 3, device: str = "cpu",
+def run(model: str = "tiny", n_steps: int = 50, batch: int = 1, methods=None, rounds: int = 3, device: str = "cpu",
         guidance_scale: float = 1.0, autocast=None, unet_checkpointing: bool = False, width=None,
         clock: str = "wall") -> dict:
     """Every method side by side (see the module docstring); returns {"config": ..., "rows": [...]}.
     clock: "wall" or "cpu" (this process's CPU time: with one thread, robust to other work on a shared machine)."""
-    known = ["nograd", "full_bp"] + [n for n, m in registry.REGISTRY.items() if not m.needs_data and n != "full_bp"]
-    names = ["nograd", "full_bp_ckpt"] + [m for m in methods if m not in ("nograd", "full_bp_ckpt")]
+    known = ["nograd"] + registry.names(reward=True)
+    methods = registry.names(reward=True) if methods is None else methods
+    ref = registry.EXACT_CHECKPOINTED
+    names = ["nograd", ref] + [m for m in methods if m not in ("nograd", ref)]
     bad = [m for m in names if m not in known]
     if bad:
         raise ValueError(f"methods: unknown {bad}; choose from {known}")
@@ -171,8 +167,9 @@ def run(model: str = "tiny", n_steps: int = 50, batch: int = 1, methods=METHODS,
     for name, (step, forward) in steps.items():
         row = {"method": name, "label": registry.REGISTRY[name].label if name in registry.REGISTRY else "no-grad chain"}
         try:
-            row["saved_bytes"] = saved_bytes(lambda: forward(0), exclude=params) if forward else 0
-            row["peak_saved_bytes"] = peak_saved_bytes(lambda: forward(0), exclude=params) if forward else 0
+            own = params + getattr(forward, "params", [])
+            row["saved_bytes"] = saved_bytes(lambda: forward(0), exclude=own) if forward else 0
+            row["peak_saved_bytes"] = peak_saved_bytes(lambda: forward(0), exclude=own) if forward else 0
             if cuda:
                 torch.cuda.synchronize()
                 held = torch.cuda.memory_allocated()
@@ -187,19 +184,19 @@ def run(model: str = "tiny", n_steps: int = 50, batch: int = 1, methods=METHODS,
         if cuda:
             row["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - held) / 2**20
         rows[name] = row
-    if "nograd" in oom or "full_bp_ckpt" in oom:
+    if "nograd" in oom or ref in oom:
         raise RuntimeError(f"the references ran out of memory: {sorted(oom)}")
     times = interleaved_times({n: s for n, (s, _) in steps.items() if n in rows}, rounds, device,
                               time.process_time if clock == "cpu" else time.perf_counter)
-    ref = rows["full_bp_ckpt"]
+    ref_row = rows[ref]
     for name, row in rows.items():
         t = times[name]
         row["seconds"], row["times"] = statistics.median(t), t
         row["time_vs_nograd"] = statistics.median(a / b for a, b in zip(t, times["nograd"]))
-        row["time_vs_full_bp_ckpt"] = statistics.median(a / b for a, b in zip(t, times["full_bp_ckpt"]))
-        row["saved_vs_full_bp_ckpt"] = row["saved_bytes"] / max(ref["saved_bytes"], 1)
+        row["time_vs_full_bp_ckpt"] = statistics.median(a / b for a, b in zip(t, times[ref]))
+        row["saved_vs_full_bp_ckpt"] = row["saved_bytes"] / max(ref_row["saved_bytes"], 1)
         if cuda:
-            row["peak_vs_full_bp_ckpt"] = row["peak_cuda_mb"] / max(ref["peak_cuda_mb"], 1e-9)
+            row["peak_vs_full_bp_ckpt"] = row["peak_cuda_mb"] / max(ref_row["peak_cuda_mb"], 1e-9)
     config = dict(model=model, note=note, n_steps=n_steps, batch=batch, rounds=rounds, device=device,
                   clock=clock, guidance_scale=guidance_scale, autocast=str(autocast) if autocast else None,
                   unet_checkpointing=unet_checkpointing, lora_params=sum(p.numel() for p in params if p.requires_grad),
@@ -229,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=MODELS, default="tiny")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, help="registered methods (default: every one with a reward)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (> 1: two UNet passes)")

@@ -36,7 +36,6 @@ not rescaled by N (the optimiser's step size absorbs it).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -78,18 +77,21 @@ def retained_index(retained, n: int, generator: Optional[torch.Generator] = None
     return retained
 
 
-def latent_plan(n: int, method: str = "sdo", checkpoint: bool = False):
+LATENT_PLANS = ("sdo", "sdo_skip", "full")
+
+
+def latent_plan(n: int, plan: str = "sdo", checkpoint: bool = False):
     """The sampler plan for differentiating x_0 w.r.t. the chain's first latent (latent optimisation).
 
     sdo: the first step keeps its graph, through its input too; sdo_skip: no network Jacobian at all (prod a_i);
-    full_bp: every step (checkpoint=True recomputes each call in backward)."""
-    if method == "sdo":
+    full: every step (checkpoint=True recomputes each call in backward)."""
+    if plan == "sdo":
         return plan_one_step(n, 0, input_grad=True)
-    if method == "sdo_skip":
+    if plan == "sdo_skip":
         return plan_one_step(n, 0, input_grad=False)
-    if method == "full_bp":
+    if plan == "full":
         return plan_full(n, checkpoint)
-    raise ValueError(f"method must be one of ('sdo', 'sdo_skip', 'full_bp'), got {method!r}")
+    raise ValueError(f"plan must be one of {LATENT_PLANS}, got {plan!r}")
 
 
 def skip_products(schedule, ts: Sequence[int], final_timestep: int = -1) -> list[float]:
@@ -130,9 +132,3 @@ def make_loss(schedule, reward, cfg: SDOConfig, *, shape, cond=None):
 
     return loss_fn
 
-
-def lambda_gap(schedule, t: int, s: int) -> float:
-    """lambda_s - lambda_t, lambda = sqrt((1 - abar) / abar): the DDIM (eta = 0) coefficient c of eps_t in x_0 for the
-    step t -> s of a chain ending at the data (final abar = 1); negative, as lambda grows with noise."""
-    lam = lambda u: math.sqrt((1 - schedule.abar(u)) / schedule.abar(u))  # noqa: E731
-    return lam(s) - lam(t)

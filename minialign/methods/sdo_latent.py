@@ -14,6 +14,7 @@ With eta > 0 the injected noises are drawn once and replayed, so every iteration
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -25,12 +26,13 @@ from minialign.rewards.base import check_reward_graph, require_differentiable
 from minialign.sampling import plan_none, sample
 from minialign.schedule import timesteps
 
-METHODS = ("sdo", "sdo_skip", "full_bp", "full_bp_ckpt")
+PLANS = ("sdo", "sdo_skip", "full", "full_ckpt")
+_OLD = {"full_bp": "full", "full_bp_ckpt": "full_ckpt", "sdo": "sdo", "sdo_skip": "sdo_skip"}  # method= -> plan=
 
 
-def _check(method, iters, lr, n_steps, start, seconds):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def _check(plan, iters, lr, n_steps, start, seconds):
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
     if not lr > 0:
@@ -44,24 +46,32 @@ def _check(method, iters, lr, n_steps, start, seconds):
 
 
 def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.Tensor] = None, batch: int = 1,
-                    cond=None, method: str = "sdo", n_steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
+                    cond=None, plan: str = "sdo", n_steps: int = 20, eta: float = 0.0, spacing: str = "trailing",
                     start: int = 0, iters: int = 50, lr: float = 0.05, seconds: Optional[float] = None, seed: int = 0,
-                    decode: Optional[Callable] = None, progress: bool = False):
+                    decode: Optional[Callable] = None, progress: bool = False, method: Optional[str] = None):
     """Optimise the latent x_{t_start} of a frozen model's chain for `reward`; returns (z, x0, history).
 
     shape:    one sample's shape without the batch (needed unless x_T is given), e.g. (1, 8, 8)
     x_T:      the starting noise [B, ...] (default: N(0, I) from `seed`); start > 0 optimises x_{t_start}, the
               state the chain reaches from x_T after `start` no-graph steps
-    method:   sdo (first optimised step keeps its graph, then the skip path) | sdo_skip (no network Jacobian:
-              d x_0 / d z = prod a) | full_bp | full_bp_ckpt (every step, checkpointed)
+    plan:     the sampler plan through the chain (not a registered method): sdo (first optimised step keeps its
+              graph, then the skip path) | sdo_skip (no network Jacobian: d x_0 / d z = prod a) | full (every step
+              with graph) | full_ckpt (every step, checkpointed)
+    method:   deprecated name of `plan` (its old values full_bp / full_bp_ckpt mean full / full_ckpt)
     seconds:  stop after this much optimisation wall time (equal-time comparisons), or after `iters`
     decode:   maps the sampler's space to the reward's (identity by default; a VAE decoder for latent diffusion)
     z:        the optimised latent [B, ...] (detached); x0: its sample decode(chain(z)) (no graph)
     history:  one dict per iteration {iter, reward (mean over the batch, of the sample before that update),
               seconds (optimisation time so far)} and a last one with the final sample's reward
     """
-    _check(method, iters, lr, n_steps, start, seconds)
-    require_differentiable(reward, f"latent optimisation ({method})")
+    if method is not None:
+        warnings.warn("optimize_latent(method=...) is now plan=... (full_bp -> full, full_bp_ckpt -> full_ckpt)",
+                      DeprecationWarning, stacklevel=2)
+        if method not in _OLD:
+            raise ValueError(f"method (deprecated: use plan) must be one of {tuple(_OLD)}, got {method!r}")
+        plan = _OLD[method]
+    _check(plan, iters, lr, n_steps, start, seconds)
+    require_differentiable(reward, f"latent optimisation ({plan})")
     if x_T is None and shape is None:
         raise ValueError("shape: give one sample's shape (e.g. (2,) or (1, 8, 8)) or an x_T")
     decode = decode or (lambda x: x)
@@ -76,8 +86,7 @@ def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.
         _, traj = sample(model, schedule, x_T, ts, eta, plan_none(n_steps), cond=c, generator=g)
     z = traj.states[start].clone().requires_grad_(True)
     tail, noises = ts[start:], traj.noises[start:]
-    plan = sdo.latent_plan(len(tail), "full_bp" if method == "full_bp_ckpt" else method,
-                           checkpoint=method == "full_bp_ckpt")
+    steps_plan = sdo.latent_plan(len(tail), "full" if plan == "full_ckpt" else plan, checkpoint=plan == "full_ckpt")
     opt = torch.optim.Adam([z], lr=lr)
     history, elapsed = [], 0.0
     timed = seconds is not None
@@ -88,12 +97,12 @@ def optimize_latent(model, schedule, reward, *, shape=None, x_T: Optional[torch.
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"latent ({method})", leave=False)
+        steps = tqdm(steps, desc=f"latent ({plan})", leave=False)
     for i in steps:
         t0 = time.perf_counter()
-        x0, _ = sample(model, schedule, z, tail, eta, plan, cond=c, noises=noises)
+        x0, _ = sample(model, schedule, z, tail, eta, steps_plan, cond=c, noises=noises)
         r = reward(decode(x0), c)
-        check_reward_graph(r, reward, f"latent optimisation ({method})")
+        check_reward_graph(r, reward, f"latent optimisation ({plan})")
         loss = -r.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"reward is {-loss.item()} at iteration {i}: stopping")

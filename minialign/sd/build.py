@@ -93,10 +93,7 @@ def build_sd(name: str, pipe, image_reward, prompts: Sequence[str], *, guidance_
     data:         SFT-PG's real latents [M, 4, h, w]; shortcut: ShortFT's (distil_shortcut).
     """
     m = methods.get(name)
-    over = {**chain_of(pipe), **overrides}
-    if "k" in m.defaults and not m.defaults.get("random_k") and "k" not in overrides:
-        over["k"] = min(m.defaults["k"], over.get("n_steps", m.config.n_steps))
-    cfg = m.make_config(**over)
+    cfg = methods.make_config(name, **{**chain_of(pipe), **overrides})  # its defaults < its chain's needs < overrides
     schedule, shape = schedule_from(pipe), latent_shape(pipe)
     den = SDDenoiser(pipe, guidance_scale)
     extra, reward = {}, latent_reward(pipe, image_reward)
@@ -108,11 +105,9 @@ def build_sd(name: str, pipe, image_reward, prompts: Sequence[str], *, guidance_
         den, cond, extra, reward = FixedPrompt(den, encode_prompt(pipe, list(prompts))), None, {"data": data}, None
     else:
         cond = batch_cond(pipe, prompts, cfg.batch)
-    if m.extra is not None:  # the registry's extra is ShortFT's shipped shortcut; on SD it is distilled here
-        if shortcut is None:
-            raise ValueError(f"shortcut: {m.label} needs a frozen shortcut distilled from this pipeline (distil_shortcut)")
-        extra = {"shortcut": shortcut}
-    loss_fn, cfg = methods.build(name, schedule, reward, shape=shape, cond=cond, config=cfg, extra=extra)
+    context = {"pipe": pipe, "guidance_scale": guidance_scale, "shortcut": shortcut}  # the method's `extra` reads it
+    loss_fn, cfg = methods.setup(name, schedule, reward, shape=shape, cond=cond, kind="sd", context=context, config=cfg,
+                                 model=den, extra=extra)  # model: prepared in place (T-LoRA's adapters) if declared
     return den, loss_fn, cfg
 
 
