@@ -1,22 +1,29 @@
-"""The arena: registered methods on a task at equal compute, over seeds.
+"""The arena: registered methods on a task at equal compute, over seeds: reward-vs-compute curves and one rule.
 
-    python -m minialign.arena --task digit3_tempered --methods ddpo full_bp draft_1 --seconds 20 --seeds 0 1 2
-    result = arena.run(["ddpo", "full_bp"], "digit_plus_one", seconds=20, seeds=[0, 1, 2])
+    python -m minialign.arena --task bias --flops 4e10 --seeds 0 1 2 3 4
+    result = arena.run(["ddpo", "full_bp"], "digit3_tempered", flops=2e11, seeds=range(5))
 
-Protocol. A time budget is first turned into a step count per method: each method's step is timed on a
-throwaway copy of the model (one warm-up, then interleaved rounds) and steps = floor(seconds / seconds_per_step).
-On the CPU, "seconds" are this process's CPU seconds (time.process_time): with one torch thread that is the wall
-time of an idle machine, and other work on a shared machine does not shrink anybody's budget. On CUDA: wall time.
-The counts are recorded (`result["steps"]`), so `run(..., steps=result["steps"])` repeats the comparison with
-identical numbers on a machine of any speed or load. A network-call budget (`calls`: sample-evaluations of the
-denoiser, i.e. rows through the network, counted by a forward hook) is turned into steps the same way.
-Each (method, seed) run trains a fresh copy of the pretrained model with train() (AdamW, the task's lr), and
-evaluates it `evals` times on fixed noise (and labels): reward on the method's own chain (its eta), and drift,
-the sliced W2 to the pretrained model's samples from the same noise on the same chain.
-
-Reported per method: final reward mean ± std over seeds, gain over the pretrained model, AUC (the mean reward
-over the budget, the reward-vs-budget curve integrated over the fraction of steps done, pretrained at 0), drift.
-Two methods are called indistinguishable when their mean ± std intervals of final reward overlap.
+Protocol.
+- Budget, one of: `flops` (training FLOPs, counted step by step with FlopCounterMode, forward and backward with
+  checkpoint recomputation: measure/flops.py; THE budget), `calls` (rows through the network, counted per step),
+  `steps` ({method: n}) or `seconds` (legacy: CPU seconds, turned into step counts by timing each method's step on a
+  throwaway copy; replay.py repeats those counts). FLOP and call budgets need no timing and no replay file: the steps
+  they allow follow from (method, config, seed), the same on an idle and on a loaded machine.
+- Curves: each (method, seed) trains once (train(), AdamW) up to the largest budget and is evaluated at `evals`
+  budgets, on a log grid from top / span to top (flops, calls) or at evenly spaced step counts (steps, seconds). The
+  model at budget b is the one after the last step whose cumulative cost is <= b. Wall time is recorded as a
+  second axis ("seconds"), never a budget.
+- One evaluation chain per task (Task.eval_chain: its steps and spacing, eta = task.eval_eta, fixed noise and
+  conditioning) for every method, whatever chain it trains on: reward, and drift = the sliced W2 to the pretrained
+  model's samples from the same noise.
+- Settings, recorded per method (result["settings"]): the learning rate (task.lr or `lr`, or picked from `lr_grid` on
+  `tuning_seed`, which must not be a reported seed: each value trains once to the top budget and the best mean
+  reward over the budget grid wins; what the tuning cost is in result["tuning"]) and gradient clipping (`grad_clip`:
+  a max norm, None = none, or {method: either}; default 1.0).
+- Statistics (measure/stats.py): at each budget the ranking by mean reward, and for each pair of methods the Welch 95%
+  interval of the difference over seeds; "a beats b" only when it excludes 0. result["pairs"] gives the budget ranges
+  over which each is ahead. A seed is diverged when its training stopped on a non-finite loss or reward, or any
+  evaluation is non-finite or drifts beyond task.drift_limit: flagged, counted and left out of every mean.
 """
 from __future__ import annotations
 
@@ -34,22 +41,26 @@ import torch
 from minialign import methods as registry
 from minialign.measure import replay
 from minialign.measure.bench import interleaved_times
+from minialign.measure.arena_report import (analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
+                                            summarise, time_to)
+from minialign.measure.flops import Ledger, log_grid
+from minialign.measure.tasks import get as get_task
 from minialign.metrics import sliced_wasserstein
 from minialign.sampling import sample
 from minialign.schedule import timesteps
-from minialign.measure.tasks import get as get_task
 from minialign.train import TrainConfig, train
 
+BUDGETS = ("flops", "calls", "steps", "seconds")
 
-def _check(method_names, task, seconds, calls, steps, seeds):
-    budgets = [b for b in (seconds, calls, steps) if b is not None]
-    if len(budgets) != 1:
-        raise ValueError("give exactly one budget: seconds (CPU time on the CPU, wall time on CUDA), calls (network "
-                         "evaluations) or steps (per method)")
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f"seconds must be > 0, got {seconds}")
-    if calls is not None and not calls > 0:
-        raise ValueError(f"calls must be > 0, got {calls}")
+
+def _check(method_names, task, budgets, seeds):
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError("give exactly one budget: flops (training FLOPs), calls (network evaluations), steps (per "
+                         "method) or seconds (CPU time on the CPU, wall time on CUDA)")
+    for k in ("flops", "calls", "seconds"):
+        if k in given and not given[k] > 0:
+            raise ValueError(f"{k} must be > 0, got {given[k]}")
     if not seeds:
         raise ValueError("seeds: give at least one seed")
     reward = task.reward()
@@ -60,35 +71,13 @@ def _check(method_names, task, seconds, calls, steps, seeds):
         if m.grad_reward and not getattr(reward, "differentiable", True):
             raise ValueError(f"{name} backpropagates through the reward, but task {task.name!r}'s reward "
                              f"{reward.name!r} is not differentiable; use a policy-gradient method (ddpo)")
+    steps = given.get("steps")
     if steps is not None:
         missing = [n for n in method_names if n not in steps]
         bad = {n: s for n, s in steps.items() if not (isinstance(s, int) and s >= 1)}
         if missing or bad:
             raise ValueError(f"steps must give a positive int per method; missing {missing}, invalid {bad}")
     return reward
-
-
-class _Counter:
-    """Rows through the network (sample-evaluations), counted by a forward hook while `on`."""
-
-    def __init__(self, model):
-        self.rows, self.on = 0, False
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, out):
-        if self.on:
-            self.rows += int(args[0].shape[0])
-
-    def wrap(self, loss_fn):
-        def counted(model, step, generator):
-            self.on = True
-            try:
-                return loss_fn(model, step, generator)
-            finally:
-                self.on = False
-        for attr in {"optimizer", "state_dict", "load_state_dict"} & set(dir(loss_fn)):
-            setattr(counted, attr, getattr(loss_fn, attr))  # a method's own networks and state (SFT-PG)
-        return counted
 
 
 def _setup(task, name, model, schedule, reward, overrides, batch):
@@ -105,9 +94,8 @@ def _setup(task, name, model, schedule, reward, overrides, batch):
 
 
 def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: int = 4, device="cpu") -> dict:
-    """{method: (seconds per step, network rows per step)} on throwaway copies of the model: after one warm-up
-    step each, `rounds` interleaved rounds (every method one step per round, the order rotated), median time.
-    Interleaving makes a passing slowdown of the machine hit every method alike."""
+    """{method: seconds per step} on throwaway copies of the model (for a `seconds` budget only): after one warm-up
+    step each, `rounds` interleaved rounds (every method one step per round, the order rotated), median time."""
     task = get_task(task)
     base, schedule = task.load(device)
     reward = task.reward()
@@ -115,11 +103,9 @@ def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: in
     for name in method_names:
         model = copy.deepcopy(base).requires_grad_(True).train()
         loss_fn, _ = _setup(task, name, model, schedule, reward, overrides, batch)
-        counter = _Counter(model)
         opt = loss_fn.optimizer(model) if hasattr(loss_fn, "optimizer") else torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr or task.lr, weight_decay=0.0)
-        live[name] = dict(model=model, fn=counter.wrap(loss_fn), opt=opt, counter=counter,
-                          g=torch.Generator().manual_seed(12345), step=0)
+        live[name] = dict(model=model, fn=loss_fn, opt=opt, g=torch.Generator().manual_seed(12345), step=0)
 
     def one_step(v):
         loss, _ = v["fn"](v["model"], v["step"], v["g"])
@@ -130,14 +116,9 @@ def probe(method_names, task, *, overrides=None, batch=None, lr=None, rounds: in
 
     for v in live.values():  # warm-up, not counted
         one_step(v)
-        v["counter"].rows = 0
     times = interleaved_times({n: (lambda seed, v=v: one_step(v)) for n, v in live.items()}, rounds, str(device),
                               _clock(device))
-    out = {}
-    for name, v in live.items():
-        v["counter"].handle.remove()
-        out[name] = (statistics.median(times[name]), v["counter"].rows / rounds)
-    return out
+    return {name: statistics.median(times[name]) for name in live}
 
 
 def _clock(device):
@@ -145,156 +126,109 @@ def _clock(device):
     return time.perf_counter if str(device).startswith("cuda") else time.process_time
 
 
-@torch.no_grad()
-def _draw(model, schedule, x_T, ts, eta, cond, seed):
-    return sample(model, schedule, x_T, ts, eta, cond=cond, generator=torch.Generator().manual_seed(seed))[0]
+def _train(task, name, base, schedule, reward, ctx, *, seed, lr, clip, axis, budgets):
+    """One (method, seed) run: train to the top budget, evaluated at every budget (measure/flops.Ledger)."""
+    model = copy.deepcopy(base).requires_grad_(True)
+    loss_fn, cfg = _setup(task, name, model, schedule, reward, ctx["overrides"], ctx["batch"])
+    ledger = Ledger(model, axis, budgets, lambda: ctx["evaluate"](model), clock=_clock(ctx["device"]))
+    try:
+        train(model, ledger.wrap(loss_fn), TrainConfig(steps=ctx["max_steps"], lr=lr, seed=seed, batch=cfg.batch,
+              grad_clip=clip, log_every=1, progress=False), callback=ledger.callback, accelerator=ledger.accelerator())
+    except FloatingPointError as e:  # a non-finite loss or reward: the seed diverged (reported apart)
+        ledger.fail(str(e))
+    ledger.finish()
+    curve = {k: [0.0 if k == "seconds" else 0] + [p[k] for p in ledger.points]
+             for k in ("budget", "step", "flops", "calls", "seconds")}
+    curve.update(reward=[ctx["pretrained"]] + [p["reward"] for p in ledger.points],
+                 drift=[0.0] + [p["drift"] for p in ledger.points])
+    return {"method": name, "seed": seed, "eta": cfg.eta, "lr": lr, "grad_clip": clip, "pretrained": ctx["pretrained"],
+            "steps": ledger.total["step"], "spent": {k: ledger.total[k] for k in ("flops", "calls", "step")},
+            "diverged": ledger.diverged, "capped": ledger.capped, "curve": curve}, model
 
 
-def run(method_names, task, *, seconds=None, calls=None, steps=None, seeds=(0,), evals: int = 6, overrides=None,
-        batch=None, lr=None, device="cpu", progress: bool = True, keep_models: bool = False) -> dict:
+def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None, seeds=(0,), evals: int = 6,
+        span: float = 32.0, overrides=None, batch=None, lr=None, lr_grid=None, tuning_seed=None, grad_clip=1.0,
+        drift_limit=None, max_steps: int = 10**6, device="cpu", progress: bool = True, keep_models: bool = False) -> dict:
     """Train every method on `task` under one budget, for each seed; see the module docstring for the protocol.
     keep_models: also return the tuned models in result["models"][(method, seed)] (not saved to JSON)."""
-    task = get_task(task)
-    method_names = list(method_names)
-    reward = _check(method_names, task, seconds, calls, steps, list(seeds))
-    base, schedule = task.load(device)
+    task, method_names, seeds = get_task(task), list(method_names), list(seeds)
+    budget = dict(flops=flops, calls=calls, steps=steps, seconds=seconds)
+    reward = _check(method_names, task, budget, seeds)
     if lr is not None and not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    if steps is None:
+    if lr_grid is not None and (not lr_grid or tuning_seed is None or tuning_seed in seeds
+                                or not all(v > 0 for v in lr_grid)):
+        raise ValueError(f"lr_grid needs values > 0 and a tuning_seed that is not a reported seed {seeds}; got "
+                         f"lr_grid={lr_grid}, tuning_seed={tuning_seed}")
+    clips = grad_clip if isinstance(grad_clip, dict) else {n: grad_clip for n in method_names}
+    base, schedule = task.load(device)
+    probed = {}
+    if seconds is not None:
         steps = replay.replayed(task.name, method_names)
-    probed = {} if steps is not None else probe(method_names, task, overrides=overrides, batch=batch, lr=lr, device=device)
-    if steps is None:
-        steps = {n: max(1, int(seconds / probed[n][0]) if seconds is not None else int(calls / probed[n][1]))
+        if steps is None:
+            probed = probe(method_names, task, overrides=overrides, batch=batch, lr=lr, device=device)
+            steps = {n: max(1, int(seconds / probed[n])) for n in method_names}
+        replay.record(task.name, steps)
+    axis = "flops" if flops is not None else "calls" if calls is not None else "steps"
+    if axis == "steps":
+        grids = {n: sorted({min(steps[n], math.ceil(steps[n] / evals) * i) for i in range(1, evals + 1)})
                  for n in method_names}
-    replay.record(task.name, steps)
+    else:
+        grids = {n: log_grid(flops or calls, evals, span) for n in method_names}
+    ec = task.eval_chain()
+    ts = timesteps(schedule.T, ec["n_steps"], ec["spacing"], ec["offset"])
     x_eval = torch.randn((task.eval_batch, *task.shape), generator=torch.Generator().manual_seed(10**6),
                          dtype=next(base.parameters()).dtype).to(device)
     c_eval = task.eval_cond(task.eval_batch, device)
-    reference, pretrained = {}, {}
+
+    @torch.no_grad()
+    def draw(model):
+        return sample(model, schedule, x_eval, ts, ec["eta"], cond=c_eval, final_timestep=ec["final_timestep"],
+                      generator=torch.Generator().manual_seed(7))[0]
+
+    reference = draw(base)
+
+    def evaluate(model):
+        x = draw(model)
+        return {"reward": reward(x, c_eval).mean().item(), "drift": sliced_wasserstein(x.flatten(1), reference.flatten(1))}
+
+    ctx = dict(overrides=overrides, batch=batch, device=device, max_steps=max_steps, evaluate=evaluate,
+               pretrained=evaluate(base)["reward"])
+    lrs, tuning = {n: lr or task.lr for n in method_names}, {}
+    for name in method_names if lr_grid else []:
+        scores, spent = {}, {"flops": 0, "calls": 0, "step": 0}
+        for value in lr_grid:
+            r, _ = _train(task, name, base, schedule, reward, ctx, seed=tuning_seed, lr=value, clip=clips.get(name),
+                          axis=axis, budgets=grids[name])
+            rewards = [v for v in r["curve"]["reward"][1:] if math.isfinite(v)]
+            scores[value] = sum(rewards) / len(r["curve"]["reward"][1:]) if len(rewards) == len(r["curve"]["reward"][1:]) \
+                else float("-inf")
+            spent = {k: spent[k] + r["spent"][k] for k in spent}
+        lrs[name] = max(scores, key=lambda v: scores[v])
+        tuning[name] = {"seed": tuning_seed, "scores": scores, "chosen": lrs[name], "spent": spent}
     runs, models = [], {}
     for name in method_names:
         for seed in seeds:
-            model = copy.deepcopy(base).requires_grad_(True)
-            loss_fn, cfg = _setup(task, name, model, schedule, reward, overrides, batch)
-            ts = timesteps(schedule.T, cfg.n_steps, cfg.spacing, cfg.offset)
-            key = (cfg.eta, tuple(ts))
-            if key not in reference:
-                reference[key] = _draw(base, schedule, x_eval, ts, cfg.eta, c_eval, 7)
-                pretrained[key] = reward(reference[key], c_eval).mean().item()
-            ref = reference[key]
-
-            def evaluate(model):
-                x = _draw(model, schedule, x_eval, ts, cfg.eta, c_eval, 7)
-                return reward(x, c_eval).mean().item(), sliced_wasserstein(x.flatten(1), ref.flatten(1))
-
-            counter = _Counter(model)
-            curve = {"step": [0], "seconds": [0.0], "calls": [0], "reward": [pretrained[key]], "drift": [0.0]}
-            clock = _clock(device)
-            spent = [clock(), 0.0]  # start, time spent evaluating
-
-            def on_eval(step, row, model=model, curve=curve, counter=counter, spent=spent, evaluate=evaluate):
-                t0 = clock()
-                r, d = evaluate(model)
-                curve["step"].append(step); curve["seconds"].append(t0 - spent[0] - spent[1])
-                curve["calls"].append(counter.rows); curve["reward"].append(r); curve["drift"].append(d)
-                spent[1] += clock() - t0
-
-            n = steps[name]
             if progress:
-                print(f"[arena] {task.name}: {name} seed {seed}, {n} steps", flush=True)
-            train(model, counter.wrap(loss_fn), TrainConfig(steps=n, lr=lr or task.lr, seed=seed, batch=cfg.batch,
-                  grad_clip=1.0, log_every=max(1, math.ceil(n / evals)), progress=False), callback=on_eval)
-            counter.handle.remove()
-            runs.append({"method": name, "seed": seed, "eta": cfg.eta, "pretrained": pretrained[key], "curve": curve})
+                print(f"[arena] {task.name}: {name} seed {seed}, {axis} up to {grids[name][-1]:.4g}", flush=True)
+            r, model = _train(task, name, base, schedule, reward, ctx, seed=seed, lr=lrs[name], clip=clips.get(name),
+                              axis=axis, budgets=grids[name])
+            runs.append(r)
             if keep_models:
                 models[(name, seed)] = model.eval().requires_grad_(False)
     result = {"task": task.name, "task_label": task.label, "reward": reward.name, "ceiling": task.ceiling,
-              "budget": {"seconds": seconds, "calls": calls}, "lr": lr or task.lr, "steps": steps, "seeds": list(seeds),
-              "probe": {n: {"seconds_per_step": p[0], "rows_per_step": p[1]} for n, p in probed.items()},
-              "runs": runs}
+              "ranks": task.ranks, "budget": {k: v for k, v in budget.items() if k != "steps"}, "axis": axis,
+              "budgets": grids, "eval_chain": ec, "lr": lr or task.lr, "seeds": seeds, "pretrained": ctx["pretrained"],
+              "drift_limit": drift_limit if drift_limit is not None else task.drift_limit,
+              "settings": {n: {"lr": lrs[n], "grad_clip": clips.get(n)} for n in method_names}, "tuning": tuning,
+              "steps": {n: max(r["steps"] for r in runs if r["method"] == n) for n in method_names},
+              "probe": {n: {"seconds_per_step": s} for n, s in probed.items()}, "runs": runs}
+    result.update(analyse(result))
     result["rows"] = summarise(result)
     if keep_models:
         result["models"] = models
     return result
 
-
-def time_to(curve: dict, level: float, axis: str = "seconds") -> float:
-    """First `axis` value (seconds, step or calls) at which the evaluated reward reaches `level`, linearly
-    interpolated between evaluations; NaN if it never does."""
-    x, y = curve[axis], curve["reward"]
-    for i in range(1, len(y)):
-        if y[i] >= level:
-            return x[i] if y[i] <= y[i - 1] else x[i - 1] + (x[i] - x[i - 1]) * (level - y[i - 1]) / (y[i] - y[i - 1])
-    return float("nan")
-
-
-def summarise(result: dict) -> list[dict]:
-    """The tidy table: one row per method (final reward mean ± std over seeds, gain, AUC, drift, steps, seconds)."""
-    rows = []
-    for name in dict.fromkeys(r["method"] for r in result["runs"]):
-        rs = [r for r in result["runs"] if r["method"] == name]
-        final = [r["curve"]["reward"][-1] for r in rs]
-        auc = []
-        for r in rs:
-            c = r["curve"]
-            u = [s / c["step"][-1] for s in c["step"]]
-            auc.append(sum((u[i + 1] - u[i]) * (c["reward"][i + 1] + c["reward"][i]) / 2 for i in range(len(u) - 1)))
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-        m = registry.get(name)
-        rows.append({"method": name, "label": m.label, "final": statistics.mean(final), "final_std": sd(final),
-                     "gain": statistics.mean(final) - statistics.mean(r["pretrained"] for r in rs),
-                     "auc": statistics.mean(auc), "auc_std": sd(auc),
-                     "drift": statistics.mean(r["curve"]["drift"][-1] for r in rs),
-                     "drift_std": sd([r["curve"]["drift"][-1] for r in rs]),
-                     "pretrained": statistics.mean(r["pretrained"] for r in rs), "steps": result["steps"][name],
-                     "seconds": statistics.mean(r["curve"]["seconds"][-1] for r in rs),
-                     "calls": statistics.mean(r["curve"]["calls"][-1] for r in rs), "seeds": len(rs)})
-    return rows
-
-
-def distinguishable(rows: list[dict]) -> list[tuple[str, str, bool]]:
-    """(a, b, whether their final-reward intervals mean ± std do NOT overlap) for every pair of methods."""
-    out = []
-    for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
-            lo, hi = sorted([a, b], key=lambda r: r["final"])
-            out.append((a["method"], b["method"], lo["final"] + lo["final_std"] < hi["final"] - hi["final_std"]))
-    return out
-
-
-def format_table(result: dict) -> str:
-    head = f"{'method':<28}{'final reward':>18}{'gain':>8}{'AUC':>8}{'drift':>14}{'steps':>7}{'train s':>9}"
-    lines = [f"task {result['task']} ({result['reward']}), seeds {result['seeds']}", head, "-" * len(head)]
-    for r in sorted(result["rows"], key=lambda r: -r["final"]):
-        lines.append(f"{r['label']:<28}{r['final']:>10.3f} ± {r['final_std']:.3f}{r['gain']:>8.3f}{r['auc']:>8.3f}"
-                     f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['seconds']:>9.1f}")
-    return "\n".join(lines)
-
-
-def plot(result: dict, axes=None):
-    """Reward against training seconds (mean over seeds, band = ± std) and the reward-drift Pareto plot."""
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
-    for i, row in enumerate(result["rows"]):
-        rs = [r["curve"] for r in result["runs"] if r["method"] == row["method"]]
-        t = torch.tensor([c["seconds"] for c in rs]).mean(0)
-        y = torch.tensor([c["reward"] for c in rs])
-        axes[0].plot(t, y.mean(0), "o-", ms=3, color=f"C{i}", label=row["label"])
-        if len(rs) > 1:
-            axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=f"C{i}", alpha=0.15)
-        d = [c["drift"][-1] for c in rs]
-        f = [c["reward"][-1] for c in rs]
-        axes[1].scatter(d, f, color=f"C{i}", s=18, alpha=0.5)
-        axes[1].errorbar(row["drift"], row["final"], xerr=row["drift_std"], yerr=row["final_std"], fmt="o",
-                         color=f"C{i}", ms=7, capsize=3, label=row["label"])
-    axes[0].set(xlabel="training time (s; CPU seconds on the CPU)", ylabel="reward (evaluation chain)",
-                title=f"{result['task_label']}: reward vs time")
-    axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="final reward",
-                title="reward vs drift (dots: seeds)")
-    axes[0].legend(fontsize=10, loc="best")
-    return axes
 
 
 def save(result: dict, path) -> int:
@@ -305,18 +239,31 @@ def save(result: dict, path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True)
-    p.add_argument("--methods", nargs="+", default=["ddpo", "full_bp", "draft_k", "alignprop", "draft_lv", "refl"])
+    p.add_argument("--methods", nargs="+", help="default: every registered method that can run on the task")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--seconds", type=float, help="time budget per method and seed (CPU seconds on the CPU)")
+    g.add_argument("--flops", type=float, help="training FLOPs per method and seed (the top of the budget grid)")
     g.add_argument("--calls", type=float, help="network-evaluation budget (rows through the denoiser)")
+    g.add_argument("--seconds", type=float, help="legacy time budget per method and seed (CPU seconds on the CPU)")
     g.add_argument("--steps-from", metavar="JSON", help="repeat the step counts of an earlier result")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--evals", type=int, default=6)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--evals", type=int, default=6, help="budgets on the grid")
+    p.add_argument("--span", type=float, default=32.0, help="the grid runs from top / span to top")
+    p.add_argument("--lr-grid", type=float, nargs="+")
+    p.add_argument("--tuning-seed", type=int)
+    p.add_argument("--grad-clip", nargs="+", default=["1.0"], metavar="[METHOD=]NORM|none")
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
+    task = get_task(a.task)
+    differentiable = getattr(task.reward(), "differentiable", True)
+    names = a.methods or [n for n, m in registry.REGISTRY.items() if not m.needs_data and (differentiable or not m.grad_reward)]
+    norm = lambda s: None if s.lower() == "none" else float(s)  # noqa: E731
+    clip = {n: norm(a.grad_clip[0]) for n in names} if "=" not in a.grad_clip[0] else {}
+    clip.update({k: norm(v) for k, v in (c.split("=", 1) for c in a.grad_clip if "=" in c)})
     steps = json.load(open(a.steps_from))["steps"] if a.steps_from else None
-    result = run(a.methods, a.task, seconds=a.seconds, calls=a.calls, steps=steps, seeds=a.seeds, evals=a.evals)
+    result = run(names, task, flops=a.flops, calls=a.calls, seconds=a.seconds, steps=steps, seeds=a.seeds, evals=a.evals,
+                 span=a.span, lr_grid=a.lr_grid, tuning_seed=a.tuning_seed, grad_clip={n: clip.get(n, 1.0) for n in names})
     print(format_table(result))
+    print("fingerprint", fingerprint(result))
     return save(result, a.json) if a.json else 0
 
 

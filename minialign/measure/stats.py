@@ -92,3 +92,40 @@ def ahead_ranges(budgets: Sequence[float], verdicts: Sequence[str]) -> dict:
             out[v].append([x, x])
         prev = v
     return {k: v for k, v in out.items() if v}
+
+
+def curves_verdicts(budgets: dict, values: dict, confidence: float = CONFIDENCE) -> dict:
+    """The rule applied along reward-vs-budget curves.
+
+    budgets: {method: [b_1 < ... < b_K]}; values: {method: [[the seeds' values at b_k] for k = 1..K]} with diverged
+    seeds already taken out. Methods on different grids (per-method step budgets) are compared point by point (the
+    k-th evaluation of each). Returns
+        curves:  {method: {"budget", "mean", "std", "n"}}     (NaN where no seed is left)
+        ranking: [{"budget", "order"}] per k, methods by mean, best first (methods without seeds left out)
+        pairs:   [{"a", "b", "verdicts", "intervals", "ahead"}], `ahead` = ahead_ranges with the methods' names
+    """
+    names = list(budgets)
+    if any(len(values[n]) != len(budgets[n]) for n in names) or len({len(b) for b in budgets.values()}) > 1:
+        raise ValueError("values must hold one list of seed values per budget, and every method the same number of budgets")
+    nan = float("nan")
+    curves = {}
+    for n in names:
+        mv = [_mean_var(v) if len(v) > 1 else (v[0], nan) if v else (nan, nan) for v in values[n]]
+        curves[n] = {"budget": list(budgets[n]), "mean": [m for m, _ in mv], "std": [math.sqrt(v) for _, v in mv],
+                     "n": [len(v) for v in values[n]]}
+    shared = all(budgets[n] == budgets[names[0]] for n in names)
+    ranking = []
+    for k in range(len(budgets[names[0]])):
+        order = sorted((n for n in names if values[n][k]), key=lambda n: -curves[n]["mean"][k])
+        ranking.append({"budget": budgets[names[0]][k] if shared else k, "order": order})
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            res = [compare(va, vb, confidence) for va, vb in zip(values[a], values[b])]
+            verdicts = [r["verdict"] for r in res]
+            grid = budgets[a] if shared else list(range(len(verdicts)))
+            ahead = ahead_ranges(grid, verdicts)
+            pairs.append({"a": a, "b": b, "verdicts": [{"a": a, "b": b}.get(v, v) for v in verdicts],
+                          "intervals": [[r["lo"], r["hi"]] for r in res],
+                          "ahead": {{"a": a, "b": b}.get(k, k): v for k, v in ahead.items()}})
+    return {"curves": curves, "ranking": ranking, "pairs": pairs}

@@ -16,18 +16,29 @@ no method reached the reward's ceiling within the cpu budget.
                     tempered probability (T = 20, clamped) as above
     ring_centre     the 2-D ring of 8 Gaussians must move its mass into the empty centre: r = -distance to a
                     disc of radius 0.15 at the origin (EASY: saturates; the exact gradient is cheap)
+    bias            the BIAS task (issue 18): the 2-D ring model frozen, eps = net(x_t, t) + b[step] with the 20 x 2
+                    per-step biases b the only trainable parameters, reward log N(x; mode 0, 0.08^2) on a 20-step DDPM
+                    chain. Parameters local to steps and a reward decided early: the last steps hold 2.7% of |grad|^2,
+                    so a truncated gradient misses most of it (cosine of the mean to the exact gradient, measured in
+                    the issue: DRaFT-1 0.088, DRaFT-K 0.162, full backprop 0.999, RLR 0.997, DDPO 0.993)
+
+Every method is scored on the task's ONE evaluation chain (`eval_chain`: its steps, spacing and final timestep, eta
+= eval_eta), whatever chain it trains on. `ranks=False` marks a task that saturates: a check, left out of rankings.
+`drift_limit` (sliced W2 to the pretrained samples) is the drift above which a seed counts as diverged (None: only
+non-finite values do).
 
 Drift (every task): sliced W2 between the tuned model's samples and the pretrained model's samples from the
 same noise and conditioning (flattened), so 0 means "unchanged".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from minialign.rewards import Reward, classifier_reward, target_region
+from minialign.rewards import Reward, classifier_reward, component_log_density, target_region
 
 
 def random_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -50,6 +61,15 @@ class Task:
     ceiling: Optional[float] = None    # the reward's maximum, where one exists
     why: str = ""
     chain: dict = field(default_factory=dict)  # further ChainConfig fields shared by every method
+    eval_eta: float = 0.0              # the evaluation chain's eta (the same for every method)
+    drift_limit: Optional[float] = None  # drift above which a seed is flagged as diverged
+    ranks: bool = True                 # False: saturates, a check only (no ranking is drawn from it)
+
+    def eval_chain(self) -> dict:
+        """The one chain every method is scored on: n_steps, eta, spacing, offset, final_timestep."""
+        c = {"spacing": "trailing", "offset": 0, "final_timestep": -1, **self.chain}
+        return {"n_steps": self.n_steps, "eta": self.eval_eta, "spacing": c["spacing"], "offset": c["offset"],
+                "final_timestep": c["final_timestep"]}
 
     def load(self, device: str = "cpu"):
         """(pretrained model, frozen, eval mode; schedule)."""
@@ -119,6 +139,46 @@ class SDTask(Task):
         return self._cond(n, device)
 
 
+class StepBias(torch.nn.Module):
+    """eps = net(x_t, t, cond) + b[step(t)]: a frozen denoiser plus one additive bias per chain step, b [N, dim]
+    (zero: the pretrained model). step(t) is looked up PER ROW from t [B] (RLR puts several timesteps into one call);
+    a t that is not a step of the chain is refused. requires_grad_ reaches b only: b is all that trains."""
+
+    def __init__(self, net: torch.nn.Module, timesteps, dim: int):
+        super().__init__()
+        self.net, self.timesteps = net.requires_grad_(False), [int(t) for t in timesteps]
+        self.bias = torch.nn.Parameter(torch.zeros(len(self.timesteps), dim, dtype=next(net.parameters()).dtype))
+        lookup = torch.full((max(self.timesteps) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.timesteps)] = torch.arange(len(self.timesteps))
+        self.register_buffer("step_of", lookup)
+
+    def forward(self, x, t, cond=None):
+        step = self.step_of[t.clamp(0, len(self.step_of) - 1)]
+        off = (step < 0) | (t >= len(self.step_of)) | (t < 0)
+        if off.any():
+            raise ValueError(f"t: timesteps {sorted(set(t[off].tolist()))} are not steps of this model's chain "
+                             f"{self.timesteps}")
+        return self.net(x, t, cond) + self.bias[step]
+
+    def requires_grad_(self, requires_grad: bool = True):
+        self.net.requires_grad_(False)
+        self.bias.requires_grad_(requires_grad)
+        return self
+
+
+@dataclass(frozen=True)
+class BiasTask(Task):
+    """A task whose model is StepBias(the shipped `model`, the evaluation chain's timesteps)."""
+
+    def load(self, device: str = "cpu"):
+        from minialign.schedule import timesteps
+
+        net, schedule = super().load(device)
+        c = self.eval_chain()
+        ts = timesteps(schedule.T, c["n_steps"], c["spacing"], c["offset"])
+        return StepBias(net, ts, self.shape[0]).to(device).eval().requires_grad_(False), schedule
+
+
 def _brightness():
     from minialign.rewards.image import brightness
 
@@ -126,7 +186,7 @@ def _brightness():
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0,
+    Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0, ranks=False,
          why="saturates: every baseline reaches p = 1.000 in seconds (notebook 02); a sanity check, ranks nothing"),
     Task("digit3_tempered", "tempered p(3), clamped", "digits",
          lambda: classifier_reward(3, temperature=20.0, clamp=True), (1, 8, 8), ceiling=1.0,
@@ -136,9 +196,16 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          ceiling=1.0, why="ten label-to-digit mappings to relearn at once; the pretrained model draws its label so "
          "well that p(label + 1) ~ 2e-5, where a probability's gradient vanishes: tempered (T = 20), it starts near 0.1"),
     Task("ring_centre", "2-D: into the ring's centre (easy)", "gmm", lambda: target_region((0.0, 0.0), radius=0.15),
-         (2,), batch=64, lr=1e-3, ceiling=0.0,
+         (2,), batch=64, lr=1e-3, ceiling=0.0, ranks=False,
          why="saturates: the pathwise methods put every point in the disc (reward 0) within ~30 steps, DDPO "
              "gets to -0.58 (8 s each, one seed); a 2-D check whose exact gradient is cheap"),
+    BiasTask("bias", "2-D: one mode, per-step biases (DDPM)", "gmm", lambda: component_log_density(0), (2,),
+             batch=64, lr=1e-2, eval_batch=512, ceiling=-2 * math.log(0.08) - math.log(2 * math.pi),
+             chain=dict(eta=1.0), eval_eta=1.0, drift_limit=3.0,
+             why="parameters local to steps, a reward decided early: truncated gradients miss most of the gradient "
+                 "(issue 18, one seed, 600 AdamW 1e-2 steps: reward / share within 0.3 of the mode, pretrained "
+                 "-154 / 0.12; full BP -5.0 / 0.75, RLR -7.6 / 0.72, DDPO -7.2 / 0.72, DRaFT-K -56 / 0.006, DRaFT-1 "
+                 "-118 / 0.08). drift_limit 3: the ring has radius 1, moving all of it onto one mode drifts ~1"),
     SDTask("mini_sd_brightness", "mini-SD: brightness (LoRA)", "mini_sd", None, (4, 8, 8), n_steps=10, batch=4, lr=3e-3,
            eval_batch=16, chain=dict(spacing="leading", offset=1),
            prompts=("a red digit seven", "a blue digit four", "a green digit three", "a yellow digit zero"),

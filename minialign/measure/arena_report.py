@@ -1,0 +1,130 @@
+"""What an arena result says: the statistics along its curves, the tidy table, the figure and its fingerprint.
+
+    analyse(result)        diverged seeds per method, and measure/stats.curves_verdicts on the kept seeds
+    summarise(result)      one row per method (final reward, gain, AUC, drift, compute), diverged seeds counted apart
+    format_table(result)   the table and, per pair of methods, the budget ranges where each is ahead
+    plot(result)           reward vs compute (log axis for FLOPs and calls) and reward vs drift
+    fingerprint(result)    sha256 of the result without its wall-time entries
+    time_to, distinguishable (legacy helpers the notebooks use)
+
+minialign.measure.arena re-exports all of these.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+
+import torch
+
+from minialign import methods as registry
+from minialign.measure import stats
+
+
+def _diverged(r, limit) -> bool:
+    c = r["curve"]
+    return bool(r.get("diverged")) or stats.split_diverged(c["reward"], c["drift"], limit)[1] != []
+
+
+def analyse(result: dict) -> dict:
+    """curves (mean reward per budget over the seeds that did not diverge), ranking per budget, pairs (the rule of
+    measure/stats.py at every budget, and the budget ranges where each method is ahead), diverged seeds per method."""
+    names = list(result["budgets"])
+    kept = {n: [r for r in result["runs"] if r["method"] == n and not _diverged(r, result["drift_limit"])] for n in names}
+    values = {n: [[r["curve"]["reward"][i + 1] for r in kept[n]] for i in range(len(result["budgets"][n]))] for n in names}
+    diverged = {n: [r["seed"] for r in result["runs"] if r["method"] == n and r not in kept[n]] for n in names}
+    return {"diverged": diverged, **stats.curves_verdicts(result["budgets"], values)}
+
+
+def time_to(curve: dict, level: float, axis: str = "seconds") -> float:
+    """First `axis` value (seconds, step, calls or flops) at which the evaluated reward reaches `level`, linearly
+    interpolated between evaluations; NaN if it never does."""
+    x, y = curve[axis], curve["reward"]
+    for i in range(1, len(y)):
+        if y[i] >= level:
+            return x[i] if y[i] <= y[i - 1] else x[i - 1] + (x[i] - x[i - 1]) * (level - y[i - 1]) / (y[i] - y[i - 1])
+    return float("nan")
+
+
+def summarise(result: dict) -> list[dict]:
+    """One row per method over its non-diverged seeds (NaN if none): final reward mean ± std, gain, AUC (mean
+    reward over the fraction of steps done), drift, steps, seconds, calls, flops, and how many seeds diverged."""
+    rows, nan = [], float("nan")
+    mean = lambda v: statistics.mean(v) if v else nan  # noqa: E731
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0 if v else nan  # noqa: E731
+    for name in dict.fromkeys(r["method"] for r in result["runs"]):
+        rs = [r for r in result["runs"] if r["method"] == name and not _diverged(r, result.get("drift_limit"))]
+        final = [r["curve"]["reward"][-1] for r in rs]
+        auc = []
+        for r in rs:
+            c = r["curve"]
+            u = [s / max(c["step"][-1], 1) for s in c["step"]]
+            auc.append(sum((u[i + 1] - u[i]) * (c["reward"][i + 1] + c["reward"][i]) / 2 for i in range(len(u) - 1)))
+        last = lambda k: [r["curve"].get(k, [nan])[-1] for r in rs]  # noqa: E731
+        rows.append({"method": name, "label": registry.get(name).label, "final": mean(final), "final_std": sd(final),
+                     "gain": mean(final) - mean([r["pretrained"] for r in rs]), "auc": mean(auc), "auc_std": sd(auc),
+                     "drift": mean(last("drift")), "drift_std": sd(last("drift")), "pretrained": mean([r["pretrained"] for r in rs]),
+                     "steps": result["steps"][name], "seconds": mean(last("seconds")), "calls": mean(last("calls")),
+                     "flops": mean(last("flops")), "seeds": len(rs),
+                     "diverged": sum(r["method"] == name for r in result["runs"]) - len(rs)})
+    return rows
+
+
+def distinguishable(rows: list[dict]) -> list[tuple[str, str, bool]]:
+    """Legacy (notebooks until they move to result["pairs"]): (a, b, whether their final-reward intervals
+    mean ± std do NOT overlap) for every pair. The arena's rule is measure/stats.compare."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            lo, hi = sorted([a, b], key=lambda r: r["final"])
+            out.append((a["method"], b["method"], lo["final"] + lo["final_std"] < hi["final"] - hi["final_std"]))
+    return out
+
+
+def format_table(result: dict) -> str:
+    head = f"{'method':<28}{'final reward':>18}{'gain':>8}{'drift':>14}{'steps':>7}{'GFLOP':>9}{'diverged':>9}"
+    lines = [f"task {result['task']} ({result['reward']}), seeds {result['seeds']}, budget axis {result['axis']}"
+             + ("" if result.get("ranks", True) else " (a check: this task saturates and ranks nothing)"), head, "-" * len(head)]
+    for r in sorted(result["rows"], key=lambda r: -r["final"] if math.isfinite(r["final"]) else math.inf):
+        lines.append(f"{r['label']:<28}{r['final']:>10.3f} ± {r['final_std']:.3f}{r['gain']:>8.3f}"
+                     f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['flops'] / 1e9:>9.2f}{r['diverged']:>9}")
+    for p in result.get("pairs", []):
+        lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(f"{k} over {v}" for k, v in p["ahead"].items()))
+    return "\n".join(lines)
+
+
+def plot(result: dict, axes=None):
+    """Reward against training compute (the budget axis; mean over seeds, band = ± std) and reward vs drift."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    key = "seconds" if result.get("axis", "steps") == "steps" else result["axis"]
+    for i, row in enumerate(result["rows"]):
+        rs = [r["curve"] for r in result["runs"] if r["method"] == row["method"] and not _diverged(r, result.get("drift_limit"))]
+        if not rs:
+            continue
+        t, y = torch.tensor([c[key] for c in rs], dtype=torch.float64).mean(0), torch.tensor([c["reward"] for c in rs])
+        axes[0].plot(t, y.mean(0), "o-", ms=3, color=f"C{i}", label=row["label"])
+        if len(rs) > 1:
+            axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=f"C{i}", alpha=0.15)
+        axes[1].scatter([c["drift"][-1] for c in rs], [c["reward"][-1] for c in rs], color=f"C{i}", s=18, alpha=0.5)
+        axes[1].errorbar(row["drift"], row["final"], xerr=row["drift_std"], yerr=row["final_std"], fmt="o",
+                         color=f"C{i}", ms=7, capsize=3, label=row["label"])
+    axes[0].set(xlabel={"seconds": "training time (s)", "flops": "training FLOPs", "calls": "network calls"}[key],
+                ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute",
+                xscale="linear" if key == "seconds" else "log")
+    axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="final reward", title="reward vs drift (dots: seeds)")
+    axes[0].legend(fontsize=10, loc="best")
+    return axes
+
+
+def fingerprint(result: dict) -> str:
+    """sha256 of the result's JSON without its wall-time entries ("seconds", the probe): equal for two runs that
+    trained and scored identically, on any load."""
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in ("seconds", "probe", "models")}
+        return [strip(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return hashlib.sha256(json.dumps(strip(result), sort_keys=True).encode()).hexdigest()
