@@ -99,13 +99,14 @@ def segments_for(schedule) -> list[tuple[int, int, str]]:
 
 
 @torch.no_grad()
-def teacher_states(base, schedule, grid, x_T, cond=None, batch: int = 512) -> dict:
-    """{t: x_t [N, ...]} along the base's DDIM chain over `grid` from x_T (t = -1: the sample)."""
+def teacher_states(base, schedule, grid, x_T, cond=None, batch: int = 512, final_timestep: int = -1) -> dict:
+    """{t: x_t [N, ...]} along the base's DDIM chain over `grid` from x_T (t = final_timestep: the chain's end)."""
     out = {}
     for i in range(0, len(x_T), batch):
         c = None if cond is None else cond[i:i + batch]
-        _, traj = sample(base, schedule, x_T[i:i + batch], grid, 0.0, plan_none(len(grid)), cond=c)
-        for t, x in zip(list(grid) + [-1], traj.states):
+        _, traj = sample(base, schedule, x_T[i:i + batch], grid, 0.0, plan_none(len(grid)), cond=c,
+                         final_timestep=final_timestep)
+        for t, x in zip(list(grid) + [final_timestep], traj.states):
             out.setdefault(t, []).append(x)
     return {t: torch.cat(v) for t, v in out.items()}
 
@@ -116,13 +117,11 @@ def _draw(n, shape, conditional, g):
     return x_T, cond
 
 
-def _pairs(base, schedule, segs, n, shape, conditional, g):
-    """Inputs x_a [K, n, ...], teacher ends x_b [K, n, ...] per segment, and cond [n] (shared)."""
-    x_T, cond = _draw(n, shape, conditional, g)
-    states = {name: teacher_states(base, schedule, chain_timesteps(schedule, cfg), x_T, cond) for name, cfg in GRIDS.items()}
-    x_a = torch.stack([states[gname][a] for a, _, gname in segs])
-    x_b = torch.stack([states[gname][b] for _, b, gname in segs])
-    return x_a, x_b, cond, states
+def segment_pairs(teacher, schedule, segs, grids: dict, x_T, cond=None, chunk: int = 512, final_timestep: int = -1):
+    """Inputs x_a [K, N, ...] and teacher ends x_b [K, N, ...] of the K segments (t_a, t_b, grid name), all from
+    the teacher's trajectories from x_T [N, ...] over grids[name]; also the states {name: {t: x_t}}."""
+    states = {name: teacher_states(teacher, schedule, ts, x_T, cond, chunk, final_timestep) for name, ts in grids.items()}
+    return torch.stack([states[g][a] for a, _, g in segs]), torch.stack([states[g][b] for _, b, g in segs]), states
 
 
 def _jump(net, schedule, x, t_a, t_b, cond):
@@ -154,11 +153,52 @@ def four_step(student, base, schedule, states, cond) -> dict:
             "shortcut_rms_to_teacher": _rms(x_sc, teacher), "base_ddim_rms_to_teacher": _rms(x_ddim, teacher)}
 
 
-def distil(name: str, steps: int | None = None, seed: int = 0, progress: bool = True, **recipe):
-    """(Shortcut, meta): distil the shipped base checkpoint `name` (see the module docstring); `recipe` overrides
-    RECIPES[name] (pool, held_out, batch, lr)."""
+def distil_segments(student, teacher, schedule, segs, grids: dict, draw, *, steps: int, batch: int, pool: int,
+                    lr: float, generator: torch.Generator, held_out: int | None = None, held_generator=None,
+                    lr_floor: float | None = None, chunk: int = 512, final_timestep: int = -1,
+                    progress: bool = False, desc: str = "distil shortcut"):
+    """THE distillation loop, for the toy models and Stable Diffusion alike: train every parameter of `student` (a
+    denoiser module, changed in place) with Adam on the segment-wise regression of the module docstring.
+
+    segs: [(t_a, t_b, grid name)]; grids: {name: the teacher's DDIM timesteps}; draw(n, generator) -> (x_T [n, ...],
+    cond or None): the source of starts and conditioning, called for `pool` training trajectories, then for
+    `held_out` (default: pool) held-out ones from held_generator (default: the same generator). lr_floor: None for
+    a constant lr, else a cosine decay to lr_floor * lr. Returns (Shortcut (frozen), losses, fidelity on the
+    held-out trajectories, held = (x_a, x_b, cond, states))."""
     from tqdm.auto import tqdm
 
+    x_T, cond = draw(pool, generator)
+    x_a, x_b, _ = segment_pairs(teacher, schedule, segs, grids, x_T, cond, chunk, final_timestep)
+    coef = [step_coefficients(schedule, a, b, 0.0) for a, b, _ in segs]
+    view = (-1,) + (1,) * (x_a.dim() - 1)
+    a_of, b_of = (torch.tensor([getattr(c, k) for c in coef]).view(view).to(x_a) for k in ("a", "b"))
+    eps_target = (x_b - a_of * x_a) / b_of
+    t_of = torch.tensor([a for a, _, _ in segs])
+    student.requires_grad_(True).train()
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    lr_at = None if lr_floor is None else torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * lr_floor)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+        k = torch.randint(len(segs), (batch,), generator=generator)
+        i = torch.randint(pool, (batch,), generator=generator)
+        c = None if cond is None else cond[i]
+        loss = ((student(x_a[k, i], t_of[k], c) - eps_target[k, i]) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if lr_at is not None:
+            lr_at.step()
+        losses.append(loss.item())
+    student.eval().requires_grad_(False)
+    shortcut = Shortcut(student, {a: b for a, b, _ in segs})
+    x_T, cond = draw(held_out or pool, held_generator or generator)
+    x_a, x_b, states = segment_pairs(teacher, schedule, segs, grids, x_T, cond, chunk, final_timestep)
+    return shortcut, losses, fidelity(shortcut, teacher, schedule, segs, x_a, x_b, cond), (x_a, x_b, cond, states)
+
+
+def distil(name: str, steps: int | None = None, seed: int = 0, progress: bool = True, **recipe):
+    """(Shortcut, meta): distil the shipped base checkpoint `name` (see the module docstring) with `distil_segments`;
+    `recipe` overrides RECIPES[name] (pool, held_out, batch, lr)."""
     if name not in RECIPES:
         raise ValueError(f"name must be one of {sorted(RECIPES)}, got {name!r}")
     unknown = set(recipe) - set(RECIPES[name])
@@ -169,31 +209,13 @@ def distil(name: str, steps: int | None = None, seed: int = 0, progress: bool = 
     base, schedule, _ = store.load(name)
     shape, conditional = ((1, 8, 8), True) if name == "digits" else ((2,), False)
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     segs = segments_for(schedule)
-    x_a, x_b, cond, _ = _pairs(base, schedule, segs, r["pool"], shape, conditional, g)
-    coef = [step_coefficients(schedule, a, b, 0.0) for a, b, _ in segs]
-    view = (-1,) + (1,) * (x_a.dim() - 1)
-    eps_target = (x_b - torch.tensor([c.a for c in coef]).view(view) * x_a) / torch.tensor([c.b for c in coef]).view(view)
-    t_of = torch.tensor([a for a, _, _ in segs])
-    student = copy.deepcopy(base).requires_grad_(True).train()
-    opt = torch.optim.Adam(student.parameters(), lr=r["lr"])
-    lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=r["lr"] * 0.05)
-    losses = []
-    for _ in tqdm(range(steps), desc=f"distil shortcut_{name}", disable=not progress):
-        k = torch.randint(len(segs), (r["batch"],), generator=g)
-        i = torch.randint(r["pool"], (r["batch"],), generator=g)
-        c = None if cond is None else cond[i]
-        loss = ((student(x_a[k, i], t_of[k], c) - eps_target[k, i]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_at.step()
-        losses.append(loss.item())
-    student.eval().requires_grad_(False)
-    shortcut = Shortcut(student, {a: b for a, b, _ in segs})
-    held = _pairs(base, schedule, segs, r["held_out"], shape, conditional, torch.Generator().manual_seed(10_000 + seed))
-    fid = fidelity(shortcut, base, schedule, segs, *held[:3])
+    grids = {g: chain_timesteps(schedule, cfg) for g, cfg in GRIDS.items()}
+    shortcut, losses, fid, held = distil_segments(
+        copy.deepcopy(base), base, schedule, segs, grids, lambda n, g: _draw(n, shape, conditional, g), steps=steps,
+        batch=r["batch"], pool=r["pool"], lr=r["lr"], generator=torch.Generator().manual_seed(seed),
+        held_out=r["held_out"], held_generator=torch.Generator().manual_seed(10_000 + seed), lr_floor=0.05,
+        progress=progress, desc=f"distil shortcut_{name}")
     fs = four_step(shortcut, base, schedule, held[3], held[2])
     meta = {"schedule": schedule.config(), "base": name, "segments": [[a, b, gname] for a, b, gname in segs],
             "grids": {k: vars(v) for k, v in GRIDS.items()}, "pool": r["pool"], "steps": steps, "batch": r["batch"],

@@ -7,12 +7,12 @@ Hyper-SD's 4-step LoRA for SD1.5; here `minialign.methods.shortcut` distils one 
 whole segments of the base chain in one step, and only a few base steps in between are trainable.
 
 The training chain (a reconstruction: no code was released). With anchors t^(1) > ... > t^(m) (timesteps of
-the chain) and s^(i) the chain's timestep after t^(i) (or -1, the data):
+the chain) and s^(i) the chain's timestep after t^(i) (after the last one: cfg.final_timestep, -1 = the data):
 
     x_{t^(1)}  = sg[ base chain from x_T to t^(1) ]                            (no graph, "truncation point")
     x_{s^(i)}  = a x_{t^(i)} + b eps_theta(x_{t^(i)}, t^(i))                   (trainable base step, i = 1..m)
     x_{t^(i+1)} = a' x_{s^(i)} + b' eps_phi(x_{s^(i)}, s^(i))                  (frozen shortcut jump, DDIM, eta = 0)
-    loss       = -(1/B) sum_b r(x_0^b, c^b),   x_0 = x_{s^(m)} (or one more jump to -1 when s^(m) > -1)
+    loss       = -(1/B) sum_b r(x_0^b, c^b),   x_0 = x_{s^(m)} (or one more jump to the final timestep)
 
 Backprop runs through every piece: the jumps are differentiated with respect to their INPUT only (phi is frozen),
 so the gradient reaches theta at every anchor through the shortcut's Jacobians d x_{t^(i+1)} / d x_{s^(i)} —
@@ -23,7 +23,7 @@ timestep of the configured chain (on the arena's 20-step trailing chain: 749, 49
 shortcut must have been distilled for exactly the jumps this produces (`shortcut.segments`).
 
 Inference is the ordinary chain of the tuned base model (`inference`; it takes no shortcut). What is trained
-(LoRA through peft, `minialign.train.add_lora` or `add_tlora` below, or any subset of parameters) is whatever of
+(LoRA through peft, `minialign.lora.add_lora` or `add_tlora`, or any subset of parameters) is whatever of
 `model` requires grad.
 
 Deviations from the paper, named:
@@ -31,27 +31,20 @@ Deviations from the paper, named:
   fine-tuned copy of the base network, valid only for the segments it was distilled on;
 - the jumps are deterministic (eta = 0) whatever cfg.eta says (the shortcut imitates the DDIM ODE).
 
-Timestep-aware LoRA (T-LoRA, `tlora`): segment i (0-based) is anchor i's base step plus the steps its jump skips,
-i.e. the chain timesteps t with anchor_i >= t > anchor_{i+1}; the head (t > anchor_0) belongs to segment 0.
-`add_tlora` injects one peft LoRA per segment, named adapters "seg0".."seg{m-1}" on any torch module (tested on
-the toy models), and every call of the model at timestep t, in training and at inference alike, activates (peft
-`set_adapter`, per layer) the adapters of t's segment; the head joining segment 0 is our choice:
+Refinements (minialign.methods.shortft_tlora, where the equations are): timestep-aware LoRA (`tlora`: "stacked",
+the paper's LoRA i on LoRA i - 1, the default when on; "separate"; "stacked_later", this project's first reading) and
+progressive training (`progressive` = P optimiser steps per stage; `progressive_order` "paper": stage i trains LoRA
+i..m-1 with the original chain, without graph, before anchor i and shortcuts only from there on, so the last stage
+has the fewest shortcuts; "reverse", this project's first reading, runs the stages the other way round).
+`prepare(model, cfg)` adds the T-LoRA adapters (a model-preparation hook). T-LoRA refuses a network that
+checkpoints its blocks internally (diffusers' gradient checkpointing): the recomputed blocks would run with the
+wrong adapters.
 
-    "separate":  A(t) = {seg_i}                      one LoRA per segment
-    "stacked":   A(t) = {seg_i, seg_{i+1}, ..., seg_{m-1}}   the later segments' LoRAs stay on (summed)
-
-"stacked" is our reading of the paper's "stacked on the previous" LoRA: with progressive training below, LoRA i
-starts at zero on top of the already tuned later ones, so a new segment starts from where the later segment is.
-Progressive training (`progressive` = P optimiser steps per stage): stage k = step // P (capped at m - 1) trains
-through the LAST k + 1 anchors only; the steps before anchor m-1-k are the ordinary base chain without graph
-(the "original chain before the segment"), so training starts next to the data and moves the truncation point
-one anchor earlier every P steps. Stage k trains only the LoRAs its trainable steps activate (seg_{m-1-k}..). Both
-refinements are reconstructions of the paper's description (no code was released); the paper's stage lengths
-are not stated here, P is ours.
+The chain ends where cfg.final_timestep says: -1 (abar = 1, the data) or, e.g., 0 (SD 1.x's abar_0); the last
+piece (a base step or the last jump) lands there, and the shortcut must hold that last jump.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -60,9 +53,10 @@ import torch
 from minialign.rewards.base import require_differentiable, reward_with_graph
 from minialign.sampling import StepPlan, plan_none, sample
 from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
+from minialign.methods.shortft_tlora import (ORDERS, TLORA, TimestepLoRA, add_tlora, block_checkpointing,  # noqa: F401
+                                             refuse_block_checkpointing, routes_snapped, stage_first_anchor)
 
 PAPER_ANCHORS = (761, 501, 261, 1)  # the paper's trainable base steps, on a 1000-step scale
-TLORA = ("off", "separate", "stacked")
 HOW_TO_MAKE = ("make one with `python -m minialign.methods.shortcut NAME` (NAME = the base checkpoint, e.g. digits or gmm) "
                "and load it with `minialign.methods.shortcut.load(NAME)`")
 
@@ -71,8 +65,9 @@ HOW_TO_MAKE = ("make one with `python -m minialign.methods.shortcut NAME` (NAME 
 class ShortFTConfig(ChainConfig):
     anchors: tuple = PAPER_ANCHORS  # trainable base steps, on a 1000-step scale, snapped to the chain's timesteps
     checkpoint: bool = False        # torch.utils.checkpoint on the trainable base steps' network calls
-    tlora: str = "off"              # timestep-aware LoRA routing: off | separate | stacked (model from add_tlora)
+    tlora: str = "off"              # timestep-aware LoRA: off | stacked (paper) | separate | stacked_later (add_tlora)
     progressive: int = 0            # optimiser steps per stage of progressive training (0: off, every anchor always)
+    progressive_order: str = "paper"  # paper: stage i trains anchors i.. (all first) | reverse: the last anchor first
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,12 +82,14 @@ class ShortFTConfig(ChainConfig):
         if not isinstance(self.progressive, int) or isinstance(self.progressive, bool) or self.progressive < 0:
             raise ValueError(f"progressive must be an int >= 0 (optimiser steps per stage; 0 = off), "
                              f"got {self.progressive!r}")
+        if self.progressive_order not in ORDERS:
+            raise ValueError(f"progressive_order must be one of {ORDERS}, got {self.progressive_order!r}")
 
 
 class Piece(NamedTuple):
     kind: str        # "head" (no-graph base steps), "base" (one trainable base step) or "jump" (shortcut)
     steps: tuple     # the chain timesteps this piece visits (one for base and jump)
-    land: int        # where it lands (a chain timestep, or -1 for the data)
+    land: int        # where it lands (a chain timestep, or the chain's final_timestep: -1 = the data)
 
 
 def snap(ts, anchors, T: int) -> list[int]:
@@ -105,22 +102,26 @@ def snap(ts, anchors, T: int) -> list[int]:
     return snapped
 
 
-def layout(ts, anchors, T: int) -> list[Piece]:
+def layout(ts, anchors, T: int, final_timestep: int = -1) -> list[Piece]:
     """The training chain over the descending chain timesteps ts: head, then base step / jump alternating.
 
     Each anchor a (1000-step scale) becomes the chain timestep nearest to round(a T / 1000); the base step
-    at anchor i lands on the chain's next timestep s_i; a jump carries s_i to anchor i+1 (or to -1 after
-    the last anchor) whenever they differ."""
+    at anchor i lands on the chain's next timestep s_i (after the chain's last timestep: final_timestep); a jump
+    carries s_i to anchor i+1 (or to final_timestep after the last anchor) whenever they differ. final_timestep:
+    -1 (abar = 1, the data) or a timestep below the chain's last, e.g. 0 for SD 1.x (ChainConfig.final_timestep)."""
     ts = [int(t) for t in ts]
+    if not isinstance(final_timestep, int) or isinstance(final_timestep, bool) or not -1 <= final_timestep < ts[-1]:
+        raise ValueError(f"final_timestep must be an int in [-1, {ts[-1] - 1}] (below the chain's last timestep "
+                         f"{ts[-1]}), got {final_timestep!r}")
     snapped = snap(ts, anchors, T)
-    nxt = dict(zip(ts, ts[1:] + [-1]))
+    nxt = dict(zip(ts, ts[1:] + [final_timestep]))
     pieces = []
     head = tuple(t for t in ts if t > snapped[0])
     if head:
         pieces.append(Piece("head", head, snapped[0]))
     for i, a in enumerate(snapped):
         pieces.append(Piece("base", (a,), nxt[a]))
-        target = snapped[i + 1] if i + 1 < len(snapped) else -1
+        target = snapped[i + 1] if i + 1 < len(snapped) else final_timestep
         if nxt[a] != target:
             pieces.append(Piece("jump", (nxt[a],), target))
     return pieces
@@ -132,74 +133,30 @@ def jumps(pieces) -> list[tuple[int, int]]:
 
 
 def routes(ts, anchors, T: int, mode: str = "stacked") -> dict[int, list[str]]:
-    """T-LoRA: {chain timestep: the adapters active there}. Segment i = anchor_i >= t > anchor_{i+1} (the head
-    joins segment 0); mode "separate": [seg_i]; "stacked": [seg_i, ..., seg_{m-1}]."""
+    """T-LoRA: {chain timestep: the adapters active there} (shortft_tlora): segment i = anchor_i >= t > anchor_{i+1}
+    (the head joins segment 0); "stacked": [seg_0..seg_i], "separate": [seg_i], "stacked_later": [seg_i..seg_{m-1}]."""
     if mode not in TLORA[1:]:
         raise ValueError(f"mode must be one of {TLORA[1:]}, got {mode!r}")
-    snapped = snap(ts, anchors, T)
-    m = len(snapped)
-    seg = {int(t): max([i for i, a in enumerate(snapped) if a >= t], default=0) for t in ts}
-    return {t: [f"seg{j}" for j in (range(i, i + 1) if mode == "separate" else range(i, m))] for t, i in seg.items()}
+    return routes_snapped([int(t) for t in ts], snap(ts, anchors, T), mode)
 
 
-def add_tlora(model: torch.nn.Module, n_segments: int, r: int = 4, target_modules=None, alpha=None, seed: int = 0):
-    """Inject n_segments peft LoRA adapters "seg0".. (rank r each, identity at start: B = 0) into `model` in place,
-    freeze everything else; returns the LoRA parameters. target_modules as in minialign.train.add_lora."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if not isinstance(n_segments, int) or n_segments < 1:
-        raise ValueError(f"n_segments must be an int >= 1 (one adapter per anchor), got {n_segments!r}")
-    if target_modules is None:
-        target_modules = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    model.requires_grad_(False)
-    for i in range(n_segments):
-        torch.manual_seed(seed + i)
-        with warnings.catch_warnings():  # peft warns that a second adapter joins the model: that is the point here
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha or r, target_modules=list(target_modules)),
-                                    model, adapter_name=f"seg{i}")
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+def stage_anchors(step: int, n_anchors: int, progressive: int, order: str = "paper") -> int:
+    """Progressive training: the index of the first anchor trained at optimiser step `step` (0 when off);
+    stage k = min(step // progressive, n_anchors - 1) starts at anchor k ("paper") or n_anchors - 1 - k ("reverse")."""
+    return stage_first_anchor(step, n_anchors, progressive, order)
 
 
-class TimestepLoRA:
-    """A denoiser that calls `model` with the adapters of t's segment active (`routes`); same signature."""
-
-    def __init__(self, model, table: dict):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.model, self.table = model, table
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        need = sorted({a for names in table.values() for a in names})
-        have = set(self.layers[0].lora_A) if self.layers and hasattr(self.layers[0], "lora_A") else set()
-        if not set(need) <= have:
-            raise ValueError(f"model: T-LoRA needs the LoRA adapters {need}, the model has {sorted(have)}; "
-                             f"call shortft.add_tlora(model, {len(need) if need else 'n'}) first")
-        self.lora = [p for n, p in model.named_parameters() if "lora_" in n]
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def __call__(self, x_t, t, cond=None):
-        t0 = int(t.flatten()[0])
-        if not bool((t == t0).all()) or t0 not in self.table:
-            raise ValueError(f"t: T-LoRA routes one chain timestep per call (one of {sorted(self.table)}), got {t}")
-        keep = [p.requires_grad for p in self.lora]  # peft's set_adapter also toggles requires_grad: restore it
-        for layer in self.layers:
-            layer.set_adapter(self.table[t0])
-        for p, g in zip(self.lora, keep):
-            p.requires_grad_(g)
-        return self.model(x_t, t, cond)
-
-
-def stage_anchors(step: int, n_anchors: int, progressive: int) -> int:
-    """Progressive training: the index of the first anchor trained at optimiser step `step` (0 = all of them).
-    Stage k = min(step // progressive, n_anchors - 1) trains the last k + 1 anchors."""
-    if progressive == 0:
-        return 0
-    return n_anchors - 1 - min(step // progressive, n_anchors - 1)
+def prepare(model: torch.nn.Module, cfg: ShortFTConfig, r: int = 4, target_modules=None, alpha=None, seed: int = 0):
+    """Model-preparation hook: with cfg.tlora != "off", add one LoRA adapter per anchor (`add_tlora`) unless the
+    model has them already; refuses a model that checkpoints its blocks internally. Returns the model."""
+    if cfg.tlora == "off":
+        return model
+    refuse_block_checkpointing(model)
+    have = {n.split("lora_A.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A." in n}
+    want = {f"seg{i}" for i in range(len(cfg.anchors))}
+    if not want <= have:
+        add_tlora(model, len(cfg.anchors), r, target_modules, alpha, seed)
+    return model
 
 
 def check_shortcut(shortcut, pieces) -> None:
@@ -245,22 +202,26 @@ def make_loss(schedule, reward, cfg: ShortFTConfig, *, shape, cond=None, shortcu
 
     shortcut: the frozen few-step model (required; `minialign.methods.shortcut.load(NAME)`), a denoiser with a
     `segments` dict {t_a: t_b} covering this layout's jumps. With cfg.tlora the model must carry `add_tlora`'s
-    adapters; with cfg.progressive the layout at `step` starts at anchor `stage_anchors(step, ...)`.
+    adapters (`prepare`) and must not checkpoint its blocks internally; with cfg.progressive the layout at `step`
+    starts at anchor f = `stage_anchors(step, m, P, cfg.progressive_order)` and only the adapters seg_f.. train.
     stats: reward (on the short training chain), graph_calls (network calls that keep a graph: trainable base
     steps + jumps), anchors_trained (how many anchors this step trains).
     """
     require_differentiable(reward, "ShortFT")
     ts = chain_timesteps(schedule, cfg)
     m = len(cfg.anchors)
-    stages = [layout(ts, cfg.anchors[i:], schedule.T) for i in range(m)]  # stages[i]: training from anchor i on
+    # stages[i]: the original chain without graph down to anchor i, shortcuts and trainable base steps from there on
+    stages = [layout(ts, cfg.anchors[i:], schedule.T, cfg.final_timestep) for i in range(m)]
     check_shortcut(shortcut, stages[0])
     table = routes(ts, cfg.anchors, schedule.T, cfg.tlora) if cfg.tlora != "off" else None
 
     def loss_fn(model, step: int, generator: torch.Generator):
-        first = stage_anchors(step, m, cfg.progressive)
+        first = stage_anchors(step, m, cfg.progressive, cfg.progressive_order)
         pieces = stages[first]
         x_T, c = draw_start(model, cfg.batch, shape, cond, generator)
-        net = TimestepLoRA(model, table) if table else model
+        if table:
+            refuse_block_checkpointing(model)
+        net = TimestepLoRA(model, table, trainable=[f"seg{j}" for j in range(first, m)]) if table else model
         x0 = short_chain(net, shortcut, schedule, pieces, x_T, cfg.eta, c, generator, checkpoint=cfg.checkpoint)
         r = reward_with_graph(reward, x0, c, "ShortFT")
         calls = float(sum(p.kind in ("base", "jump") for p in pieces))

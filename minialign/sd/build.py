@@ -38,7 +38,6 @@ from minialign import methods
 from minialign.methods.chain import chain_timesteps
 from minialign.methods.shortft import ShortFTConfig, jumps, layout
 from minialign.sampling import plan_none, sample
-from minialign.schedule import step_coefficients
 from minialign.sd.adapter import SDDenoiser, decode, encode_prompt, final_timestep_of, latent_reward, schedule_from, timesteps_from
 
 
@@ -114,14 +113,15 @@ def build_sd(name: str, pipe, image_reward, prompts: Sequence[str], *, guidance_
 def distil_shortcut(pipe, prompts: Sequence[str], cfg: Optional[ShortFTConfig] = None, *, guidance_scale: float = 1.0,
                     steps: int = 200, batch: int = 16, pool: int = 64, lr: float = 1e-4, seed: int = 0):
     """(Shortcut, meta): a copy of the pipeline's UNet fine-tuned so that ONE DDIM step from t_a lands where the
-    pipeline's own DDIM chain (cfg's timesteps, eta = 0, same guidance) lands at t_b, for each ShortFT jump (t_a, t_b):
+    pipeline's own DDIM chain (cfg's timesteps and final timestep, eta = 0, same guidance) lands at t_b, for each
+    ShortFT jump (t_a, t_b), by the one distillation loop of the toy models (shortcut.distil_segments):
 
         L(phi) = E || eps_phi(x_a, t_a, c) - (x_b^teacher - a x_a) / b ||^2        (minialign.methods.shortcut, on latents)
 
     pool: teacher trajectories (x_T ~ N(0, I), prompts cycled); meta["fidelity"]: per jump, rms of the shortcut's
     jump and of the base's own one step against the teacher's endpoint, on `pool` held-out trajectories.
     """
-    from minialign.methods.shortcut import Shortcut, fidelity, teacher_states
+    from minialign.methods.shortcut import distil_segments
 
     cfg = cfg or ShortFTConfig(**chain_of(pipe))
     for k, v in (("steps", steps), ("batch", batch), ("pool", pool)):
@@ -129,39 +129,20 @@ def distil_shortcut(pipe, prompts: Sequence[str], cfg: Optional[ShortFTConfig] =
             raise ValueError(f"{k} must be a positive int, got {v!r}")
     schedule, shape = schedule_from(pipe), latent_shape(pipe)
     grid = chain_timesteps(schedule, cfg)
-    segs = jumps(layout(grid, cfg.anchors, schedule.T))
+    segs = jumps(layout(grid, cfg.anchors, schedule.T, cfg.final_timestep))
     if not segs:
         raise ValueError(f"cfg: the chain {grid} with anchors {cfg.anchors} has no shortcut jump (every piece is a base "
                          "step); use more n_steps")
-    teacher = SDDenoiser(pipe, guidance_scale)
-    g = torch.Generator().manual_seed(seed)
+    dtype = next(pipe.unet.parameters()).dtype
 
-    def pairs():
-        x_T = torch.randn((pool, *shape), generator=g, dtype=next(pipe.unet.parameters()).dtype)
-        cond = batch_cond(pipe, prompts, pool)
-        states = teacher_states(teacher, schedule, grid, x_T, cond, batch=batch)
-        return torch.stack([states[a] for a, _ in segs]), torch.stack([states[b] for _, b in segs]), cond
+    def draw(n, g):
+        return torch.randn((n, *shape), generator=g, dtype=dtype), batch_cond(pipe, prompts, n)
 
-    x_a, x_b, cond = pairs()
-    coef = [step_coefficients(schedule, a, b, 0.0) for a, b in segs]
-    view = (-1,) + (1,) * (x_a.dim() - 1)
-    target = (x_b - torch.tensor([c.a for c in coef]).view(view).to(x_a) * x_a) / torch.tensor([c.b for c in coef]).view(view).to(x_a)
-    t_of = torch.tensor([a for a, _ in segs])
-    unet = copy.deepcopy(pipe.unet).requires_grad_(True).train()
-    student = SDDenoiser(SimpleNamespace(unet=unet), guidance_scale)
-    opt = torch.optim.Adam(unet.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        k = torch.randint(len(segs), (batch,), generator=g)
-        i = torch.randint(pool, (batch,), generator=g)
-        loss = ((student(x_a[k, i], t_of[k], cond[i]) - target[k, i]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    student.eval().requires_grad_(False)
-    shortcut = Shortcut(student, dict(segs))
-    fid = fidelity(shortcut, teacher, schedule, [(a, b, "sd") for a, b in segs], *pairs())
+    student = SDDenoiser(SimpleNamespace(unet=copy.deepcopy(pipe.unet)), guidance_scale)
+    shortcut, losses, fid, _ = distil_segments(
+        student, SDDenoiser(pipe, guidance_scale), schedule, [(a, b, "sd") for a, b in segs], {"sd": grid}, draw,
+        steps=steps, batch=batch, pool=pool, lr=lr, generator=torch.Generator().manual_seed(seed), chunk=batch,
+        final_timestep=cfg.final_timestep)
     shortcut.meta = {"segments": [list(s) for s in segs], "grid": grid, "steps": steps, "batch": batch, "pool": pool,
                      "lr": lr, "seed": seed, "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
                      "fidelity": fid}
