@@ -19,7 +19,7 @@ from minialign.kit.repro import NOTEBOOKS
 
 SCORE = {"reproduced": 1.0, "partly": 0.5, "not": 0.0}
 NB = {"sftpg": "01_sft_pg", "base": "02_reward_gradients", "rlr": "03_rlr", "sdo": "04_sdo", "shortft": "05_shortft"}
-BASELINES = ("ddpo", "full_bp", "draft_k", "alignprop", "draft_lv", "refl")
+ANY = None  # in SOURCES: every registered method (minialign.methods), in registry order
 
 
 class Value(NamedTuple):
@@ -41,38 +41,42 @@ def _get(metrics, nb, key, std_key=None) -> Optional[Value]:
     return Value(float(m[key]), float(m[std_key]) if std_key and std_key in m else None, f"{nb}: {key}")
 
 
-# quantity -> list of (notebook, key pattern with {m}, std pattern or None, methods); the first source found wins
+# quantity -> list of (notebook, key pattern with {m}, std pattern or None, methods); the first source found wins.
+# A pattern with {m} is read for every registered method (ANY): a method added to the registry shows up wherever a
+# notebook recorded it. A key without {m} is a notebook's measurement of the one method named beside it.
 SOURCES = {
-    "reward_digit3_tempered": [(NB["base"], "arena_digit3_tempered_{m}_final", "arena_digit3_tempered_{m}_std", BASELINES)],
-    "reward_digit_plus_one": [(NB["base"], "arena_digit_plus_one_{m}_final", "arena_digit_plus_one_{m}_std", BASELINES)],
-    "reward_digit_plus_one_04": [(NB["sdo"], "param_reward_{m}", "param_reward_{m}_std", ("sdo", "full_bp", "draft_1", "refl"))],
-    "drift_digit3": [(NB["base"], "{m}_drift_final", None, BASELINES)],
-    "train_seconds_digit3": [(NB["base"], "{m}_seconds", None, BASELINES)],
-    "saved_mb_per_step": [(NB["base"], "{m}_saved_bytes_per_step", None, BASELINES)],
-    "time_vs_full_bp": [(NB["shortft"], "bench_time_vs_full_bp_{m}", None, ("draft_lv", "full_bp_ckpt", "rlr", "sdo", "shortft")),
+    "reward_digit3_tempered": [(NB["base"], "arena_digit3_tempered_{m}_final", "arena_digit3_tempered_{m}_std", ANY)],
+    "reward_digit_plus_one": [(NB["base"], "arena_digit_plus_one_{m}_final", "arena_digit_plus_one_{m}_std", ANY)],
+    "reward_digit_plus_one_04": [(NB["sdo"], "param_reward_{m}", "param_reward_{m}_std", ANY)],
+    "drift_digit3": [(NB["base"], "{m}_drift_final", None, ANY)],
+    "train_seconds_digit3": [(NB["base"], "{m}_seconds", None, ANY)],
+    "saved_mb_per_step": [(NB["base"], "{m}_saved_bytes_per_step", None, ANY)],
+    "time_vs_full_bp": [(NB["shortft"], "bench_time_vs_full_bp_{m}", None, ANY),
                         (NB["sdo"], "time_ratio_vs_full_bp", None, ("sdo",)),
                         (NB["rlr"], "rlr_time_vs_full_bp", None, ("rlr",)),
                         (NB["rlr"], "rlr_released_time_vs_full_bp", None, ("rlr_released",))],
-    "saved_vs_full_bp": [(NB["shortft"], "bench_saved_vs_full_bp_{m}", None, ("draft_lv", "full_bp_ckpt", "rlr", "sdo", "shortft")),
+    "saved_vs_full_bp": [(NB["shortft"], "bench_saved_vs_full_bp_{m}", None, ANY),
                          (NB["sdo"], "memory_ratio_vs_full_bp", None, ("sdo",)),
                          (NB["rlr"], "rlr_saved_vs_full_bp", None, ("rlr",)),
                          (NB["rlr"], "rlr_released_saved_vs_full_bp", None, ("rlr_released",))],
     "peak_saved_vs_full_bp": [(NB["rlr"], "rlr_peak_saved_vs_full_bp", None, ("rlr",))],
-    "grad_cosine_one_estimate": [(NB["base"], "{m}_grad_cosine_to_exact", None, BASELINES + ("draft_1",))],
-    "grad_cosine_of_mean": [(NB["rlr"], "bias_cosine_{m}", None, ("alignprop", "draft_1", "rlr_released")),
+    "grad_cosine_one_estimate": [(NB["base"], "{m}_grad_cosine_to_exact", None, ANY)],
+    "grad_cosine_of_mean": [(NB["rlr"], "bias_cosine_{m}", None, ANY),
                             (NB["rlr"], "bias_cosine_rlr_h2", None, ("rlr",))],
-    "grad_variance": [(NB["rlr"], "variance_{m}", None, ("alignprop", "draft_1", "rlr_released")),
+    "grad_variance": [(NB["rlr"], "variance_{m}", None, ANY),
                       (NB["rlr"], "variance_rlr_h2", None, ("rlr",))],
 }
 
 
 def gather(metrics: dict) -> dict:
     """{quantity: {method: Value}} for every quantity of SOURCES that the metrics hold (saved bytes in MB)."""
+    from minialign.methods import names
+
     out = {}
     for q, sources in SOURCES.items():
         got = {}
         for nb, key, std_key, methods in sources:
-            for m in methods:
+            for m in (names(reward=False) if methods is ANY else methods):
                 v = got.get(m) or _get(metrics, nb, key.format(m=m), std_key and std_key.format(m=m))
                 if v is not None:
                     got[m] = v._replace(value=v.value / 2**20) if q == "saved_mb_per_step" else v

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from minialign.measure.bench import peak_saved_bytes, saved_bytes  # noqa: F401  (peak_saved_bytes: re-exported)
+from minialign.measure.memory import peak_saved_bytes, saved_bytes  # noqa: F401  (peak_saved_bytes: re-exported)
 from minialign.sampling import plan_full, sample, transition_log_prob
 from minialign.schedule import prev_timesteps, timesteps
 
