@@ -61,6 +61,7 @@ def test_a_flop_budget_repeats_bit_exactly_with_no_timing_and_no_replay_file(tmp
         assert all(f <= bud for f, bud in zip(c["flops"], c["budget"])) and c["budget"][1:] == grid
     assert len(a["ranking"]) == 5 and len(a["pairs"]) == 3
     assert {p["a"] for p in a["pairs"]} <= {"full_bp", "alignprop"} and all(len(p["verdicts"]) == 5 for p in a["pairs"])
+    assert all(p["few_seeds"] for p in a["pairs"])  # 2 seeds: never a headline
 
 
 def test_every_method_is_scored_on_the_tasks_one_evaluation_chain():

@@ -73,3 +73,19 @@ def test_ahead_ranges_are_contiguous_runs():
     assert out == {"a": [[2, 4]], "b": [[16, 16]], "indistinguishable": [[1, 1], [8, 8]]}
     with pytest.raises(ValueError, match="one entry per budget"):
         stats.ahead_ranges([1, 2], ["a"])
+
+
+def test_curves_verdicts_rank_each_budget_and_give_the_ranges():
+    """b leads at the small budget, a overtakes at the large one, c has lost its seeds at the first budget."""
+    budgets = {m: [1.0, 10.0] for m in "abc"}
+    values = {"a": [[0.0, 0.1, 0.2, 0.1, 0.0], [5.0, 5.1, 5.2, 5.1, 5.0]],
+              "b": [[1.0, 1.1, 1.2, 1.1, 1.0], [2.0, 2.1, 2.2, 2.1, 2.0]],
+              "c": [[], [2.0, 2.1, 2.2, 2.1, 2.05]]}
+    out = stats.curves_verdicts(budgets, values)
+    assert [r["order"] for r in out["ranking"]] == [["b", "a"], ["a", "c", "b"]]
+    ab = out["pairs"][0]
+    assert (ab["a"], ab["b"], ab["verdicts"], ab["few_seeds"]) == ("a", "b", ["b", "a"], False)
+    assert ab["ahead"] == {"b": [[1.0, 1.0]], "a": [[10.0, 10.0]]}
+    assert out["pairs"][1]["verdicts"][0] == "insufficient seeds" and out["curves"]["c"]["n"] == [0, 5]
+    with pytest.raises(ValueError, match="one list of seed values per budget"):
+        stats.curves_verdicts({"a": [1.0]}, {"a": []})

@@ -90,7 +90,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['label']:<28}{r['final']:>10.3f} ± {r['final_std']:.3f}{r['gain']:>8.3f}"
                      f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['flops'] / 1e9:>9.2f}{r['diverged']:>9}")
     for p in result.get("pairs", []):
-        lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(f"{k} over {v}" for k, v in p["ahead"].items()))
+        lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(f"{k} over {v}" for k, v in p["ahead"].items())
+                     + (" (fewer than 5 seeds: not a headline)" if p.get("few_seeds") else ""))
     return "\n".join(lines)
 
 

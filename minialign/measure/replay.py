@@ -3,6 +3,9 @@ timing, so two runs of a notebook differ by those counts. A run with $MINIALIGN_
 (one JSON line each, tagged by its kind); a run with $MINIALIGN_STEPS_REPLAY pointing at that log takes the n-th
 logged count of each kind instead of timing, and repeats the first run's numbers exactly
 (`python -m minialign.repro --replay-steps RUN_DIR`, then `--compare`).
+
+Only time budgets need this: the arena's FLOP and network-call budgets (measure/flops.py) are counted step by step,
+so their step counts follow from (method, config, seed) alone and a run repeats exactly with no log at all.
 """
 from __future__ import annotations
 

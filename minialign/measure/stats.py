@@ -102,7 +102,8 @@ def curves_verdicts(budgets: dict, values: dict, confidence: float = CONFIDENCE)
     k-th evaluation of each). Returns
         curves:  {method: {"budget", "mean", "std", "n"}}     (NaN where no seed is left)
         ranking: [{"budget", "order"}] per k, methods by mean, best first (methods without seeds left out)
-        pairs:   [{"a", "b", "verdicts", "intervals", "ahead"}], `ahead` = ahead_ranges with the methods' names
+        pairs:   [{"a", "b", "few_seeds", "verdicts", "intervals", "ahead"}], `ahead` = ahead_ranges with the methods'
+                 names; few_seeds: fewer than HEADLINE_SEEDS on either side at some budget (say so where it is shown)
     """
     names = list(budgets)
     if any(len(values[n]) != len(budgets[n]) for n in names) or len({len(b) for b in budgets.values()}) > 1:
@@ -125,7 +126,8 @@ def curves_verdicts(budgets: dict, values: dict, confidence: float = CONFIDENCE)
             verdicts = [r["verdict"] for r in res]
             grid = budgets[a] if shared else list(range(len(verdicts)))
             ahead = ahead_ranges(grid, verdicts)
-            pairs.append({"a": a, "b": b, "verdicts": [{"a": a, "b": b}.get(v, v) for v in verdicts],
+            pairs.append({"a": a, "b": b, "few_seeds": any(r["few_seeds"] for r in res),
+                          "verdicts": [{"a": a, "b": b}.get(v, v) for v in verdicts],
                           "intervals": [[r["lo"], r["hi"]] for r in res],
                           "ahead": {{"a": a, "b": b}.get(k, k): v for k, v in ahead.items()}})
     return {"curves": curves, "ranking": ranking, "pairs": pairs}
