@@ -91,6 +91,8 @@ def test_settings_are_per_method_recorded_and_the_lr_is_tuned_on_its_own_seed():
         assert t["seed"] == 9 and set(t["scores"]) == {1e-4, 1e-2} and t["spent"]["step"] == 4 and t["spent"]["flops"] > 0
         assert t["chosen"] == max(t["scores"], key=t["scores"].get) == res["settings"][name]["lr"]
         assert [r["lr"] for r in res["runs"] if r["method"] == name] == [t["chosen"]]
+    with pytest.raises(ValueError, match="grad_clip must give every method"):
+        arena.run(["full_bp", "draft_1"], task, steps={"full_bp": 1, "draft_1": 1}, grad_clip={"full_bp": 1.0})
     with pytest.raises(ValueError, match="tuning_seed that is not a reported seed"):
         arena.run(["full_bp"], task, steps={"full_bp": 1}, seeds=[0], lr_grid=[1e-3], tuning_seed=0)
 

@@ -161,6 +161,10 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
         raise ValueError(f"lr_grid needs values > 0 and a tuning_seed that is not a reported seed {seeds}; got "
                          f"lr_grid={lr_grid}, tuning_seed={tuning_seed}")
     clips = grad_clip if isinstance(grad_clip, dict) else {n: grad_clip for n in method_names}
+    if set(method_names) - set(clips) or any(c is not None and not c > 0 for c in clips.values()):
+        raise ValueError(f"grad_clip must give every method a max norm > 0 or None (no clipping), got {grad_clip}")
+    if not isinstance(evals, int) or evals < 1:
+        raise ValueError(f"evals must be a positive int (budgets on the grid), got {evals!r}")
     base, schedule = task.load(device)
     probed = {}
     if seconds is not None:
@@ -228,7 +232,6 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
     if keep_models:
         result["models"] = models
     return result
-
 
 
 def save(result: dict, path) -> int:
