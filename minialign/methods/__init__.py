@@ -106,12 +106,12 @@ def _shortcut(kind, *, model_name=None, shortcut=None, frozen=None, cfg=None, sc
 
 
 def _tlora(model, cfg):
-    """T-LoRA: one peft adapter per ShortFT segment (shortft.add_tlora), before the optimiser sees the model; on a
+    """T-LoRA: one peft adapter per ShortFT segment (shortft.prepare), before the optimiser sees the model; on a
     model that carries LoRA already (an SD UNet after sd.add_lora), on the layers that LoRA targets."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     targets = sorted(n for n, mod in model.named_modules() if isinstance(mod, BaseTunerLayer))
-    shortft.add_tlora(model, len(cfg.anchors), target_modules=targets or None)
+    shortft.prepare(model, cfg, target_modules=targets or None)
 
 
 _TB = truncated_bp.TruncatedBPConfig
