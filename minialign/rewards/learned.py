@@ -222,3 +222,35 @@ def hpsv2(text: Text, checkpoint: str = "HPS_v2.1_compressed.pt", *, device="cpu
         return (img * txt).sum(-1).to(x.dtype)
 
     return Reward(fn, "HPSv2", differentiable=True)
+
+
+# The scorers' published architectures (their weights are downloads; these build them with random weights for cost
+# and gradient checks): CLIP ViT-L/14 for LAION aesthetic, CLIP ViT-H/14 (open_clip's laion2B, as HF CLIPModel) for
+# PickScore_v1.
+VIT_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+CLIP_H14 = dict(vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                                   image_size=224, patch_size=14, hidden_act="gelu"),
+                text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
+                projection_dim=1024)
+
+
+def random_full_size(name: str, text: Text = "a photo", seed: int = 0) -> Reward:
+    """`name` ("aesthetic" or "pickscore") at its real architecture with random weights (nothing is loaded); the
+    tokenizer for PickScore is the project's caption tokenizer (sd.tiny.make_tokenizer, 77 positions)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    if name == "aesthetic":
+        return aesthetic(vision_model=CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_L14_VISION)),
+                         head_module=AestheticHead(VIT_L14_VISION["projection_dim"]))
+    if name == "pickscore":
+        from minialign.sd.tiny import make_tokenizer
+
+        tok = make_tokenizer(max_length=77)
+        cfg = CLIPConfig(text_config={**CLIP_H14["text_config"], "bos_token_id": tok.bos_token_id,
+                                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+                         vision_config=CLIP_H14["vision_config"], projection_dim=CLIP_H14["projection_dim"])
+        return pickscore(text, clip_model=CLIPModel(cfg), tokenizer=tok)
+    raise ValueError(f"name must be 'aesthetic' or 'pickscore', got {name!r}")
