@@ -4,8 +4,12 @@ Solution versions pass every autograded test cell; student versions (nbgrader's 
 the exercises: the solution cell still runs (it defines the function, whose body now raises NotImplementedError),
 its test cell fails with that error, and every other cell runs. On small fixture notebooks built here, and on the real
 notebooks' exercise cells (with only the cells they need, so it stays fast)."""
+import os
 import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -196,21 +200,219 @@ WRONG = {  # typical mistakes; each must fail its test cell
                   "prev_timesteps(ts)[L], eta)\n"
                   "    return (advantage * log_prob).mean()",
     "03_rlr_ex2": "return min(math.floor((budget - b_z * n_steps) / (b_h - b_z)), n_steps)",
+    "00_toy_diffusion_ex3": "x = x_T\n"
+                            "    for t, s, z in zip(ts, list(ts[1:]) + [-1], noises):\n"
+                            "        c, c0 = step_coefficients(schedule, t, s, eta), step_coefficients(schedule, t, s, 0.0)\n"
+                            "        x = c0.a * x + c0.b * model(x, torch.full((x.shape[0],), t)) + c.sigma * z\n"
+                            "    return x",
+    "02_reward_gradients_ex1": "return [StepPlan(grad=False, path=True)] * (n - k) + [StepPlan(grad=True)] * k",
+    "02_reward_gradients_ex2": "adv = (reward - reward.mean()) / (reward.std() + 1e-8)\n"
+                               "    return -(adv.detach() * log_prob).mean()",
+    "02_reward_gradients_ex3": "ts = timesteps(schedule.T, n_steps, 'trailing')\n"
+                               "    def loss_fn(model, step, generator):\n"
+                               "        x = torch.randn((batch, *shape), generator=generator, dtype=next(model.parameters()).dtype)\n"
+                               "        cut = max(n_steps - k - 1, 0)\n"
+                               "        if cut:\n"
+                               "            with torch.no_grad():\n"
+                               "                x, _ = sample(model, schedule, x, ts[:cut], 0.0, final_timestep=ts[cut])\n"
+                               "        x0, _ = sample(model, schedule, x.detach(), ts[cut:], 0.0, plan_full(n_steps - cut))\n"
+                               "        return -reward(x0).mean(), {'reward': reward(x0).mean().item()}\n"
+                               "    return loss_fn",
+    "03_rlr_ex3": "prev = prev_timesteps(ts)\n"
+                  "    total = ho_surrogate(model, schedule, traj, ts, j, h, eta, advantage)\n"
+                  "    for m in range(len(ts) - 1):\n"
+                  "        lp = transition_log_prob(model, schedule, traj.states[m], traj.states[m + 1], ts[m], prev[m], eta)\n"
+                  "        total = total + (advantage * lp).mean()\n"
+                  "    return total",
+    "04_sdo_ex1": "return [StepPlan(grad=i == k, input_grad=input_grad, path=i >= k) for i in range(n)]",
+    "04_sdo_ex2": "prev = prev_timesteps(list(ts))\n"
+                  "    carry = 1.0\n"
+                  "    for j in range(k, len(ts)):\n"
+                  "        carry *= step_coefficients(schedule, ts[j], prev[j], 0.0).a\n"
+                  "    return carry * step_coefficients(schedule, ts[k], prev[k], 0.0).b",
+    "04_sdo_ex3": "z = z.detach().requires_grad_(True)\n"
+                  "    x = z\n"
+                  "    for t, s in zip(ts, prev_timesteps(list(ts))):\n"
+                  "        c = step_coefficients(schedule, t, s, 0.0)\n"
+                  "        x = c.a * x + c.b * model(x, torch.full((x.shape[0],), t))\n"
+                  "    (g,) = torch.autograd.grad(reward(x).mean(), [z])\n"
+                  "    return (z + lr * g).detach()",
+    "07_results_ex1": "return abs(mean_a - mean_b) > max(std_a, std_b)",
+    "07_results_ex2": "return statistics.median(times) / statistics.median(reference_times)",
 }
 
 
-@pytest.mark.parametrize("notebook", ["00_toy_diffusion", "01_sft_pg", "03_rlr"])
-def test_wrong_answers_fail(notebook, tmp_path):
-    """00: the DDIM b without sigma; a log-prob without its normaliser. 01: the advantage left in the graph; the
-    baseline regularisation without its stop-gradients. 03: the HO term on the stored (detached) x_L instead of the
-    re-run sub-chain; h* with B_z (T) instead of B_z (T - 1)."""
-    nb = course.exercise_notebook(course.read(repro.NOTEBOOKS / f"{notebook}.ipynb"))
+OWNED = ["00_toy_diffusion", "01_sft_pg", "02_reward_gradients", "03_rlr", "04_sdo", "07_results"]
+
+# answers that delegate to the library's reference: each passes when the test cells run again with the guard off,
+# and must fail with it on. 07_results_ex2 has none to delegate to (bench.run computes the median of its per-round
+# ratios inline, from its own timings): None.
+DELEGATE = {
+    "00_toy_diffusion_ex1": "import types\n"
+                            "    sch = types.SimpleNamespace(abar=lambda t: abar_t if t == 1 else (abar_s if t == 0 else 1.0))\n"
+                            "    c = step_coefficients(sch, 1, 0 if abar_s < 1 else -1, eta)\n"
+                            "    return c.a, c.b, c.sigma",
+    "00_toy_diffusion_ex2": "return gaussian_log_prob(x_s, a * x_t + b * eps, sigma)",
+    "00_toy_diffusion_ex3": "return sample(model, schedule, x_T, ts, eta, noises=noises)[0]",
+    "01_sft_pg_ex1": "import types\n"
+                     "    me = types.SimpleNamespace(critic=lambda _: f_x0, baseline=lambda *_: baseline)\n"
+                     "    return (SFTPG.advantage(me, None, None, None) * log_prob).mean()",
+    "01_sft_pg_ex2": "import types\n"
+                     "    me = types.SimpleNamespace(critic=critic, baseline=baseline, config=SFTPGConfig(baseline_reg=lam))\n"
+                     "    return SFTPG.critic_loss(me, real, states, x0)[0]",
+    "02_reward_gradients_ex1": "return plan_truncated(n, k)",
+    "02_reward_gradients_ex2": "return ddpo_method.ppo_clip_loss(log_prob, log_prob.detach(), ddpo_method.standardise(reward), "
+                               "clip_range=3e-3, adv_clip=5.0)[0]",
+    "02_reward_gradients_ex3": "from minialign.methods import truncated_bp\n"
+                               "    cfg = truncated_bp.TruncatedBPConfig(batch=batch, n_steps=n_steps, k=k)\n"
+                               "    return truncated_bp.make_loss(schedule, reward, cfg, shape=shape)",
+    "03_rlr_ex1": "from minialign.methods import rlr_parts\n"
+                  "    return rlr_parts.ho_part(model, schedule, traj, j, h, eta, advantage)",
+    "03_rlr_ex2": "return __import__('minialign.methods.rlr_budget', fromlist=['h_star']).h_star(budget, b_h, b_z, n_steps)",
+    "03_rlr_ex3": "from minialign.methods import rlr_parts\n"
+                  "    Z = [m for m in range(len(ts) - 1) if not j <= m < j + h]\n"
+                  "    return (rlr_parts.ho_part(model, schedule, traj, j, h, eta, advantage)\n"
+                  "            + rlr_parts.zo_inherent(model, schedule, traj, Z, eta, advantage, chunk=0))",
+    "04_sdo_ex1": "return plan_one_step(n, k, input_grad=input_grad)",
+    "04_sdo_ex2": "return sdo.unrolled_coefficients(schedule, ts)[1][k]",
+    "04_sdo_ex3": "z = z.detach().requires_grad_(True)\n"
+                  "    x0, _ = sample(model, schedule, z, ts, 0.0, sdo.latent_plan(len(ts), 'sdo'))\n"
+                  "    return (z + lr * torch.autograd.grad(reward(x0).mean(), [z])[0]).detach()",
+    "07_results_ex1": "rows = [{'method': 'a', 'final': mean_a, 'final_std': std_a}, {'method': 'b', 'final': mean_b, 'final_std': std_b}]\n"
+                      "    return arena.distinguishable(rows)[0][2]",
+    "07_results_ex2": None,
+}
+
+
+def with_answers(nb, answers):
+    """The exercise notebook of nb with each solution region replaced by answers[grade id]."""
+    nb = course.exercise_notebook(nb)
     for ex in course.exercises(nb):
-        cell = nb.cells[ex.solution]
-        cell.source = re.sub(r"### BEGIN SOLUTION.*### END SOLUTION", "### BEGIN SOLUTION\n    " + WRONG[ex.name]
-                             + "\n    ### END SOLUTION", cell.source, flags=re.S)
-    ran = course.run(nb, repro.NOTEBOOKS)
-    results = course.grade(ran)
-    assert [r["name"] for r in results] == sorted(k for k in WRONG if k.startswith(notebook))
+        answer = answers[ex.name] or "raise NotImplementedError()"
+        nb.cells[ex.solution].source = re.sub(r"### BEGIN SOLUTION.*### END SOLUTION", lambda _: "### BEGIN SOLUTION\n    "
+                                              + answer + "\n    ### END SOLUTION", nb.cells[ex.solution].source, flags=re.S)
+    return nb
+
+
+@pytest.mark.parametrize("notebook", OWNED)
+def test_wrong_answers_fail(notebook):
+    """Each test cell rejects a known-wrong variant (named in a comment in the cell). 00: the DDIM b without sigma; a
+    log-prob without its normaliser; the DDIM b with DDPM noise in the loop. 01: the advantage left in the graph; the
+    baseline regularisation without its stop-gradients. 02: AlignProp's plan; the sample std; the graph in k + 1 steps.
+    03: the HO term on the stored x_L; h* with B_z T; ZO counting the sub-chain twice. 04: the path cut; the product
+    with a_k; full backprop. 07: |difference| > max std; the ratio of medians."""
+    nb = with_answers(course.read(repro.NOTEBOOKS / f"{notebook}.ipynb"), WRONG)
+    results = course.grade(course.run(nb, repro.NOTEBOOKS))
+    assert sorted(r["name"] for r in results) == sorted(k for k in WRONG if k.startswith(notebook))
     assert not any(r["passed"] for r in results), results
     assert all(r["solution_error"] is None for r in results), "the wrong answers themselves run"
+
+
+@pytest.mark.parametrize("notebook", OWNED)
+def test_an_answer_that_delegates_to_the_reference_fails(notebook):
+    """A student answer that calls the library's reference fails every exercise (grading.forbid refuses it), and the
+    same answer passes when the test cells run again with the guard off: the failure is the guard's, not the answer's."""
+    nb = course.read(repro.NOTEBOOKS / f"{notebook}.ipynb")
+    names = [ex.name for ex in course.exercises(nb)]
+    assert set(names) <= set(DELEGATE), f"give every exercise of {notebook} a delegating answer in DELEGATE"
+    nb = with_answers(nb, DELEGATE)
+    tests = [nb.cells[ex.test].source for ex in course.exercises(nb)]
+    guard_off = "import contextlib\nimport minialign.kit.grading as _g\n_g.forbid = lambda *f: contextlib.nullcontext()"
+    nb.cells += [new_code_cell(guard_off)] + [new_code_cell(t) for t in tests]
+    ran = course.run(nb, repro.NOTEBOOKS)
+    for name, r, rerun in zip(names, course.grade(ran), ran.cells[-len(tests):]):
+        if DELEGATE[name] is not None:
+            assert not r["passed"] and "library's reference" in r["test_error"], (name, r)
+            assert course._error(rerun) is None, f"{name}: the delegating answer fails without the guard: {course._error(rerun)}"
+
+
+@pytest.mark.parametrize("notebook", OWNED)
+def test_reference_source_comes_after_the_test_cells(notebook):
+    """Every test cell refuses a reference (but 07-ex2's, which has none), and no cell before it prints its source."""
+    nb = course.read(repro.NOTEBOOKS / f"{notebook}.ipynb")
+    for ex in course.exercises(nb):
+        refused = re.findall(r"forbid\(([^)]*)\)", nb.cells[ex.test].source)
+        names = {a.strip().split(".")[-1] for args in refused for a in args.split(",") if a.strip()}
+        assert names, f"{ex.name}: its test cell refuses no reference"
+        for c in nb.cells[:ex.test]:
+            for n in names:
+                assert not re.search(rf"getsource\([^)]*\b{n}\b", c.source), f"{ex.name}: {n}'s source is printed before its test"
+
+
+@pytest.mark.parametrize("notebook", OWNED)
+def test_answer_keys_are_instructor_only(notebook):
+    nb = course.read(repro.NOTEBOOKS / f"{notebook}.ipynb")
+    keys = [c for c in nb.cells if course.ANSWER_TAG in c.metadata.get("tags", [])]
+    assert keys and all("Answer key" in c.source for c in keys), f"{notebook} needs an answer-key cell"
+    student = course.student_version(nb)
+    assert not any("Answer key" in c.source or course.ANSWER_TAG in c.metadata.get("tags", []) for c in student.cells)
+    assert len(student.cells) == len(nb.cells) - len(keys)
+
+
+def test_forbid_refuses_every_alias_and_restores():
+    from minialign.kit.grading import forbid
+    from minialign.methods import sdo
+    from minialign.sampling import plan_one_step as alias
+
+    want = alias(4, 1, input_grad=True)
+    with forbid(alias):
+        with pytest.raises(AssertionError, match="library's reference minialign.sampling.plan_one_step"):
+            sdo.latent_plan(4, "sdo")  # called from inside another library function
+        with pytest.raises(AssertionError):
+            alias(4, 1)
+    assert alias(4, 1, input_grad=True) == want and alias(3, 0) == [alias(3, 0)[0]] + alias(3, 0)[1:]
+    with pytest.raises(ValueError, match="plain Python functions"):
+        forbid(len)
+
+
+def test_class_version_sets_the_class_profile_and_writes_no_metrics(tmp_path):
+    written = course.build(tmp_path / "class", ["00_toy_diffusion", "07_results"])
+    for path in written:
+        params = next(c for c in course.read(path).cells if "parameters" in c.metadata.get("tags", []))
+        assert re.search(rf'^profile = "{repro.CLASS_PROFILE}"', params.source, re.M)
+        assert re.search(r"^metrics_out = None", params.source, re.M)
+    p07 = next(c for c in course.read(written[1]).cells if "parameters" in c.metadata.get("tags", []))
+    assert re.search(rf'^metrics_dir = "{course.RESULTS_METRICS}"', p07.source, re.M)
+    assert (tmp_path / "class" / course.RESULTS_METRICS / "04_sdo.json").exists()
+    assert not (tmp_path / "class" / course.RESULTS_METRICS / "07_results.json").exists(), "07's own metrics are no input"
+    assert repro.save_metrics({"a": 1}, None) == {"a": 1.0}
+    nb = fixture()
+    nb.cells[2].source = "seed = 0"
+    with pytest.raises(ValueError, match="fx: no cell tagged `parameters` with a `profile = ...` line"):
+        course.class_version(nb, "fx")
+
+
+def test_missing_metrics_folder_is_a_clear_error(tmp_path):
+    from minialign.kit import results
+    with pytest.raises(ValueError, match=f"no metrics .* in {re.escape(str(tmp_path))}"):
+        results.load_metrics(tmp_path)
+
+
+def _nbgrader(course_dir, *args):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(Path(sys.executable).parent / "nbgrader"), *args], cwd=course_dir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_nbgrader_real_workflow(tmp_path):
+    """An instructor's round: nbgrader-source, `nbgrader generate_assignment`, students submit, `nbgrader autograde`:
+    the solution scores full marks, the blank release 0; the release holds no answer key and no metrics/ folder."""
+    pytest.importorskip("nbgrader")
+    from nbgrader.api import Gradebook
+
+    assert course.main(["nbgrader-source", str(tmp_path), "--assignment", "ps1", "--notebooks", "07_results"]) == 0
+    assert (tmp_path / "nbgrader_config.py").exists()
+    _nbgrader(tmp_path, "generate_assignment", "ps1", "--force")
+    release = tmp_path / "release" / "ps1"
+    released = nbformat.read(release / "07_results.ipynb", as_version=4)
+    assert not any(course.ANSWER_TAG in c.metadata.get("tags", []) for c in released.cells), "answer keys are released"
+    assert (release / course.RESULTS_METRICS).is_dir() and not (release / "metrics").exists()
+    for student, source in (("solver", tmp_path / "source" / "ps1"), ("blank", release)):
+        (tmp_path / "submitted" / student).mkdir(parents=True)
+        shutil.copytree(source, tmp_path / "submitted" / student / "ps1")
+    _nbgrader(tmp_path, "autograde", "ps1", "--force")
+    with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
+        scores = {s: (gb.find_submission("ps1", s).score, gb.find_submission("ps1", s).max_score) for s in ("solver", "blank")}
+    assert scores == {"solver": (2.0, 2.0), "blank": (0.0, 2.0)}, scores
+    assert not (tmp_path / "autograded" / "solver" / "ps1" / "metrics").exists(), "autograde wrote a metrics/ folder"

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = ROOT / "data" / "expected"
 PROFILES = ("smoke", "cpu", "gpu")
+CLASS_PROFILE = "smoke"  # what students run (python -m minialign.course build / nbgrader-source): Run-All in minutes
 HEARTBEAT = 60.0  # seconds between the "still running" lines of main()
 
 
@@ -65,17 +66,17 @@ def environment() -> str:
     return "\n".join(lines)
 
 
-def save_metrics(metrics: dict, path: str | os.PathLike) -> dict:
-    """Write a flat dict of numbers as JSON (the last cell of every notebook); NaN/inf refused."""
+def save_metrics(metrics: dict, path: str | os.PathLike | None) -> dict:
+    """Write a flat dict of numbers (NaN/inf refused) as JSON to `path`; None (notebooks' default) writes nothing."""
     out = {}
     for k, v in metrics.items():
         v = float(v)
         if not math.isfinite(v):
             raise ValueError(f"metric {k!r} is {v}: a headline metric must be finite")
         out[k] = v
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    if path is not None:  # metrics land only where the caller (repro) asks
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     return out
 
 

@@ -29,9 +29,14 @@ class Value(NamedTuple):
 
 
 def load_metrics(folder=None) -> dict:
-    """{notebook name: {metric: value}} from every folder/*.json (default notebooks/metrics); {} if none."""
+    """{notebook name: {metric: value}} from every folder/*.json (default notebooks/metrics). ValueError naming the
+    folder when it holds no *.json (e.g. notebooks/ of a non-editable install): pass the folder of a repro run."""
     folder = Path(folder) if folder is not None else NOTEBOOKS / "metrics"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    found = sorted(folder.glob("*.json"))
+    if not found:
+        raise ValueError(f"no metrics (*.json) in {folder}: give the folder of a run's metrics (metrics_dir, e.g. "
+                         "runs/cpu/metrics from python -m minialign.repro, or a clone's notebooks/metrics)")
+    return {p.stem: json.loads(p.read_text()) for p in found}
 
 
 def _get(metrics, nb, key, std_key=None) -> Optional[Value]:
