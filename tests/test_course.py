@@ -177,6 +177,7 @@ def test_every_notebook_has_two_exercises(name):
             f"{ex.name}: a later cell calls {fn.group(1)}(), which raises in the student version"
 
 
+@pytest.mark.notebook  # runs notebook cells in a kernel: out of the inner loop (-m 'not notebook')
 @pytest.mark.parametrize("name", NAMES)
 def test_real_exercises_round_trip(name, tmp_path):
     nb = course.read(repro.NOTEBOOKS / f"{name}.ipynb")
@@ -294,6 +295,7 @@ def with_answers(nb, answers):
     return nb
 
 
+@pytest.mark.notebook  # runs notebook cells in a kernel: out of the inner loop (-m 'not notebook')
 @pytest.mark.parametrize("notebook", OWNED)
 def test_wrong_answers_fail(notebook):
     """Each test cell rejects a known-wrong variant (named in a comment in the cell). 00: the DDIM b without sigma; a
@@ -308,6 +310,7 @@ def test_wrong_answers_fail(notebook):
     assert all(r["solution_error"] is None for r in results), "the wrong answers themselves run"
 
 
+@pytest.mark.notebook  # runs notebook cells in a kernel: out of the inner loop (-m 'not notebook')
 @pytest.mark.parametrize("notebook", OWNED)
 def test_an_answer_that_delegates_to_the_reference_fails(notebook):
     """A student answer that calls the library's reference fails every exercise (grading.forbid refuses it), and the
@@ -395,6 +398,7 @@ def _nbgrader(course_dir, *args):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.notebook  # runs notebook cells in a kernel: out of the inner loop (-m 'not notebook')
 def test_nbgrader_real_workflow(tmp_path):
     """An instructor's round: nbgrader-source, `nbgrader generate_assignment`, students submit, `nbgrader autograde`:
     the solution scores full marks, the blank release 0; the release holds no answer key and no metrics/ folder."""

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import nbformat
 
-from minialign.kit.repro import CLASS_PROFILE, NOTEBOOKS, _kernel_options, no_widget_sync, notebook_names
+from minialign.kit.kernel import kernel_options, no_widget_sync
+from minialign.kit.repro import CLASS_PROFILE, NOTEBOOKS, notebook_names
 
 SETUP_TAG = "exercise-setup"
 ANSWER_TAG = "answer-key"  # instructor-only cells (answers to "Check your understanding"), removed for students
@@ -222,7 +223,7 @@ def run(nb, cwd, timeout: int = 600) -> nbformat.NotebookNode:
     with tempfile.TemporaryDirectory(prefix="minialign-kernel-") as sockets:  # the kernel's IPC sockets
         with no_widget_sync():
             NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True, startup_timeout=120,
-                           resources={"metadata": {"path": str(cwd)}}, **_kernel_options(sockets)).execute()
+                           resources={"metadata": {"path": str(cwd)}}, **kernel_options(sockets)).execute()
     return nb
 
 

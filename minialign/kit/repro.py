@@ -37,6 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from minialign.kit.kernel import kernel_options, no_widget_sync, set_env
 from minialign.measure import replay
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -116,42 +117,6 @@ def notebook_names() -> list[str]:
     return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def _kernel_options(folder: str) -> dict:
-    """nbclient options: IPC transport on POSIX, so the kernel has no unencrypted TCP port (and no warning), with
-    its sockets in a fresh temporary folder: under the default name (kernel-ipc-N in the notebooks' folder) two
-    runs at once can pick the same socket files and one of them waits forever. folder: where the sockets go."""
-    if os.name != "posix":
-        return {}
-    from traitlets.config import Config
-
-    ip = os.path.join(folder, "ipc")
-    return {"config": Config({"KernelManager": {"transport": "ipc", "ip": ip}})}
-
-
-class no_widget_sync:
-    """nbclient's handler of ipywidgets' Output widget (`interact` uses one) off: its outputs land in the cell. On, it
-    sends comm messages on the shell channel while the client awaits the cell's reply there; here that lost the
-    reply three times (notebooks 02 and 04, cpu and smoke: kernel idle, client waiting forever)."""
-
-    def __enter__(self):
-        from nbclient.client import NotebookClient
-
-        self.saved = NotebookClient.on_comm_open_jupyter_widget
-        NotebookClient.on_comm_open_jupyter_widget = lambda client, msg: None
-        return self
-
-    def __exit__(self, *exc):
-        __import__("nbclient.client", fromlist=["NotebookClient"]).NotebookClient.on_comm_open_jupyter_widget = self.saved
-
-
-def _set_env(values: dict) -> None:
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplace: bool = False,
                  parameters: dict | None = None, replay_from=None) -> dict:
     """Execute one notebook; returns {name, profile, seconds, ok, error, failures, metrics, tolerances}.
@@ -174,17 +139,17 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     saved = {k: os.environ.get(k) for k in env}
     sockets = tempfile.TemporaryDirectory(prefix="minialign-kernel-")
     try:
-        _set_env(env)
+        set_env(env)
         with no_widget_sync():
             pm.execute_notebook(
                 str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
                 parameters={**(parameters or {}), "profile": profile, "device": device, "metrics_out": str(metrics_path)},
-                kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **_kernel_options(sockets.name),
+                kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, **kernel_options(sockets.name),
             )
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         result["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
     finally:
-        _set_env(saved)
+        set_env(saved)
         sockets.cleanup()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if result["error"] is None:

@@ -101,7 +101,8 @@ def _shortcut(kind, *, model_name=None, shortcut=None, frozen=None, cfg=None, sc
         return sc.shipped(model_name)
     if frozen is None:
         raise ValueError("shortcut: ShortFT needs a frozen shortcut distilled from this pipeline (distil_shortcut)")
-    segs = shortft.jumps(shortft.layout(chain.chain_timesteps(schedule, cfg), cfg.anchors, schedule.T))
+    segs = shortft.jumps(shortft.layout(chain.chain_timesteps(schedule, cfg), cfg.anchors, schedule.T,
+                                        cfg.final_timestep))
     return {"shortcut": sc.Shortcut(frozen, dict(segs))}
 
 
@@ -143,7 +144,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
            row=sdo_row),
     Method("rlr", "RLR", rlr.RLRConfig, rlr.make_loss, "FO last step + HO sub-chain (h = 2) + inherent-noise ZO elsewhere (Ren et al. 2025)",
            chain=_loo_needs_two, row=rlr_row),
-    Method("rlr_released", "RLR (released code)", rlr.RLRConfig, rlr.make_loss, "FO + 2 single-step PG terms, no HO/ZO",
+    Method("rlr_released", "RLR (released code)", rlr.RLRConfig, rlr.make_loss, "the authors' released code: FO x 0.05 + 2 single-step PPO terms x 0.001 at ratio 1, eta 0.05, no ZO",
            defaults=dict(variant="released"), chain=_loo_needs_two, row=rlr_row),
     Method("sft_pg", "SFT-PG", sft_pg.SFTPGConfig, sft_pg.make_loss,
            "policy gradient against a learned critic of the data (Fan & Lee 2023)", grad_reward=False, needs_data=True,

@@ -1,6 +1,6 @@
 """What one RLR gradient step costs next to full backprop, per ZO option, side by side in one run (issue 19, item 12).
 
-    python -m minialign.methods.rlr_cost --model digits --steps 50 --batch 32 --rounds 5 --json rlr_cost.json
+    python -m minialign.measure.rlr_cost --model digits --steps 50 --batch 32 --rounds 5 --json rlr_cost.json
 
 One step = one call of the loss_fn and loss.backward() (as minialign.measure.bench counts it). Per variant:
 
