@@ -11,6 +11,7 @@ A metric a notebook did not record prints as "—".
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from minialign.kit.repro import NOTEBOOKS
 from minialign.kit.results import claims, gather, load_metrics
 
 README = NOTEBOOKS.parent / "README.md"
+MEASURED = NOTEBOOKS.parent / "data" / "measured"  # one-off runs of the measuring commands, each with its command
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
@@ -183,6 +185,35 @@ def _map(M: dict) -> str:
     return _table(["method"] + [h for _, h, _ in MAP], [[_label(n)] + [cell(q, n, f) for q, _, f in MAP] for n in names])
 
 
+def _measured(name: str) -> dict:
+    path = MEASURED / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _arena_curves(M: dict) -> str:
+    """The bias task's reward-vs-FLOPs curves (mean ± std over seeds) and, per pair, where one is ahead by the rule."""
+    d = _measured("arena_bias")
+    if not d:
+        return "(not measured)\n"
+    names = list(d["curves"])
+    budgets = d["curves"][names[0]]["budget"]
+    rows = [[f"{_label(n)} ({d['steps'][n]} steps)"] +
+            [f"{m:.1f} ± {sd:.1f}" for m, sd in zip(d["curves"][n]["mean"], d["curves"][n]["std"])] for n in names]
+    out = _table(["method (steps at the top budget)"] + [f"{b:.0e} FLOPs" for b in budgets], rows)
+    ties = [f"{_label(q['a'])} vs {_label(q['b'])}" for q in d["pairs"] if q["verdicts"][-1] not in (q["a"], q["b"])]
+    return (out + f"\nPretrained {d['pretrained']:.1f}, ceiling {d['ceiling']:.2f}; {len(d['seeds'])} seeds; "
+            f"indistinguishable at the top budget: {', '.join(ties) or 'none'}. `{d['command']}`\n")
+
+
+def _rlr_cost(M: dict) -> str:
+    d = _measured("rlr_cost")
+    if not d:
+        return "(not measured)\n"
+    rows = [[k, f"{r['flops'] / 1e9:.1f}", f"{r['flops_vs_full_bp']:.2f}", f"{r['live_bytes'] / 2**20:.1f}",
+             f"{r['live_vs_full_bp']:.3f}", f"{r['time_vs_full_bp']:.2f}"] for k, r in d["rows"].items()]
+    return _table(["variant", "GFLOP / step", "/ full BP", "live MB", "/ full BP", "time / full BP"], rows) + f"\n`{d['command']}`\n"
+
+
 def _claims(M: dict) -> str:
     return _table(["paper", "claim", "rule", "measured", "verdict"],
                   [[r["paper"], r["claim"], r["rule"], r["measured"] or "—", f"**{r['verdict']}**"] for r in claims(M)])
@@ -192,6 +223,7 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
     "toy": _toy, "sft-pg": _sft_pg, "baselines": _baselines, "arena": _arena("02_reward_gradients"),
     "rlr": _rlr, "rlr-arena": _rlr_arena, "sdo": _sdo, "shortft-ablation": _shortft,
     "shortft-equal": _shortft_equal, "sd": _sd, "claims": _claims, "map": _map,
+    "arena-bias": _arena_curves, "rlr-cost": _rlr_cost,
 }
 
 
