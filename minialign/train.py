@@ -212,10 +212,11 @@ def train(
         if cfg.resume and (out / "checkpoint.pt").exists():
             start, history = _restore(out / "checkpoint.pt", model, loss_fn, optimizer, generator, acc.device)
             acc.print(f"resumed from {out / 'checkpoint.pt'} at step {start}")
-    n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    acc.print(f"training {n_params:,} parameters for {cfg.steps} steps: {cfg.batch or '?'} samples/step/process x "
-              f"{acc.num_processes} process(es) = effective batch {cfg.batch * acc.num_processes or '?'}; "
-              f"{cfg.steps - start} updates to go")
+    if cfg.progress:  # the batch arithmetic, once per run (runs driven by the arena or a lab keep quiet)
+        n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        batch = (f": {cfg.batch} samples/step/process x {acc.num_processes} process(es) = effective batch "
+                 f"{cfg.batch * acc.num_processes}" if cfg.batch else "")
+        acc.print(f"training {n_params:,} parameters for {cfg.steps} steps{batch}; {cfg.steps - start} updates to go")
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and acc.is_local_main_process))

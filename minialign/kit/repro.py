@@ -134,6 +134,7 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
     log.parent.mkdir(exist_ok=True)
     log.unlink(missing_ok=True)
     env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline",  # the kernel inherits it; Agg hides figures
+           "TQDM_DISABLE": "1",  # no progress bars frozen at 0% in a committed notebook (tqdm reads it; Jupyter keeps them)
            replay.STEPS_LOG: str(log), replay.STEPS_REPLAY: str((Path(replay_from) / "steps" / f"{name}.jsonl").resolve())
            if replay_from else None}
     saved = {k: os.environ.get(k) for k in env}

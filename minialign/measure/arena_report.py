@@ -102,17 +102,20 @@ def plot(result: dict, axes=None):
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
     key = "seconds" if result.get("axis", "steps") == "steps" else result["axis"]
-    for i, row in enumerate(result["rows"]):
+    from minialign.kit.style import color
+
+    for row in result["rows"]:
+        col = color(row["method"])  # one colour per method across every notebook
         rs = [r["curve"] for r in result["runs"] if r["method"] == row["method"] and not _diverged(r, result.get("drift_limit"))]
         if not rs:
             continue
         t, y = torch.tensor([c[key] for c in rs], dtype=torch.float64).mean(0), torch.tensor([c["reward"] for c in rs])
-        axes[0].plot(t, y.mean(0), "o-", ms=3, color=f"C{i}", label=row["label"])
+        axes[0].plot(t, y.mean(0), "o-", ms=3, color=col, label=row["label"])
         if len(rs) > 1:
-            axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=f"C{i}", alpha=0.15)
-        axes[1].scatter([c["drift"][-1] for c in rs], [c["reward"][-1] for c in rs], color=f"C{i}", s=18, alpha=0.5)
+            axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=col, alpha=0.15)
+        axes[1].scatter([c["drift"][-1] for c in rs], [c["reward"][-1] for c in rs], color=col, s=18, alpha=0.5)
         axes[1].errorbar(row["drift"], row["final"], xerr=row["drift_std"], yerr=row["final_std"], fmt="o",
-                         color=f"C{i}", ms=7, capsize=3, label=row["label"])
+                         color=col, ms=7, capsize=3, label=row["label"])
     axes[0].set(xlabel={"seconds": "training time (s)", "flops": "training FLOPs", "calls": "network calls"}[key],
                 ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute",
                 xscale="linear" if key == "seconds" else "log")
