@@ -51,7 +51,8 @@ VARIANTS = {"rlr": {}, "rlr_zo5": dict(zo_subsample=5), "rlr_perturb": dict(zo="
 
 def losses(schedule, reward, shape, cond, n_steps: int, batch: int) -> dict:
     """{name: loss_fn}: nograd is left to bench; full_bp from the registry, the RLR variants from rlr.make_loss."""
-    out = {"full_bp": registry.build("full_bp", schedule, reward, shape=shape, cond=cond, n_steps=n_steps, batch=batch)[0]}
+    out = {registry.EXACT: registry.build(registry.EXACT, schedule, reward, shape=shape, cond=cond, n_steps=n_steps,
+                                          batch=batch)[0]}
     for name, over in VARIANTS.items():
         out[name] = rlr.make_loss(schedule, reward, rlr.RLRConfig(n_steps=n_steps, batch=batch, **over), shape=shape,
                                   cond=cond)
@@ -79,9 +80,9 @@ def measure(model: str = "digits", n_steps: int = 50, batch: int = 32, rounds: i
         rows[name] = {"flops": counter.get_total_flops(), "live_bytes": live}
         steps[name](1)  # warm-up
     times = bench.interleaved_times(steps, rounds, clock=time.process_time)
-    ref = rows["full_bp"]
+    ref = rows[registry.EXACT]
     for name, row in rows.items():
-        ratio = [t / f for t, f in zip(times[name], times["full_bp"])]
+        ratio = [t / f for t, f in zip(times[name], times[registry.EXACT])]
         row.update(seconds=statistics.median(times[name]), time_vs_full_bp=statistics.median(ratio),
                    time_vs_full_bp_range=[min(ratio), max(ratio)], flops_vs_full_bp=row["flops"] / ref["flops"],
                    live_vs_full_bp=row["live_bytes"] / ref["live_bytes"])

@@ -47,6 +47,27 @@ class ChainConfig:
                              f"got {self.final_timestep!r}")
 
 
+def check_fields(cfg, *, positive_int=(), optional_positive_int=(), positive=(), nonnegative=()):
+    """Raise ValueError naming the first field of `cfg` outside its range: positive_int (an int >= 1),
+    optional_positive_int (None or an int >= 1), positive (> 0), nonnegative (>= 0)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in positive_int:
+        if not (is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1):
+            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
+    for name in optional_positive_int:
+        v = getattr(cfg, name)
+        if v is not None and not (is_int(v) and v >= 1):
+            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in nonnegative:
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+
+
 def chain_timesteps(schedule, cfg: ChainConfig) -> list[int]:
     """The N descending timesteps of the sampling chain described by cfg (n_steps, spacing, offset)."""
     return timesteps(schedule.T, cfg.n_steps, cfg.spacing, cfg.offset)

@@ -45,7 +45,6 @@ Deviations from the paper / authors' code, named:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -56,51 +55,8 @@ import torch.nn.functional as F
 from minialign.layers import MLPCritic, StepBaseline, gradient_penalty
 from minialign.sampling import plan_none, sample, transition_log_prob
 from minialign.schedule import Schedule, prev_timesteps
-from minialign.methods.chain import ChainConfig, chain_timesteps
-
-
-@dataclass
-class SFTPGConfig(ChainConfig):
-    """Authors' toy defaults (Fan & Lee 2023, Sec. 5 and their code). Fields are the notebook's knobs; the chain
-    fields (n_steps, spacing, offset) are used by `make_loss` (an SFTPG built by hand takes its timesteps)."""
-
-    batch: int = 128  # trajectories (and real samples) per critic step
-    n_steps: int = 10  # steps of the few-step chain
-    lr: float = 5e-5  # generator (Adam)
-    critic_lr: float = 1e-3
-    baseline_lr: float = 1e-3
-    n_critic: int = 5  # critic steps per generator phase
-    n_generator: int = 1  # generator steps per phase (authors: 1 on the toy, 10 on images)
-    gen_batch: Optional[int] = None  # transitions per generator step; None: all stored / n_generator
-    max_norm: float = 0.1  # generator gradient clipping (authors' 0.1)
-    critic_max_norm: Optional[float] = None  # critic/baseline clipping (authors: none)
-    baseline: bool = True  # False: B = 0 (plain REINFORCE on f(x_0))
-    baseline_hidden: int = 256  # width of B(x_i, i) (authors: 256)
-    baseline_reg: float = 1.0  # lambda: how much of the baseline's squared error reaches the critic
-    gradient_penalty: float = 0.0  # WGAN-GP weight on the critic (0: off, as the authors)
-    eta: float = 1.0  # DDIM eta of the trained chain; must be > 0
-    min_sigma: float = 1e-3  # noise floor of every step (the last step of an eta = 1 chain has sigma 0)
-    ema: Optional[float] = None  # decay of a moving average of the denoiser's weights per generator step (None: off)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.eta > 0:
-            raise ValueError(f"eta must be > 0 for SFT-PG (eta = 0 is DDIM: its steps are deterministic and have "
-                             f"no log-prob, so there is no policy gradient), got {self.eta}")
-        if not self.min_sigma > 0:
-            raise ValueError(f"min_sigma must be > 0 for SFT-PG (the last step of an eta = 1 chain has sigma = 0; "
-                             f"it needs a tiny sigma such as 1e-3 to be a stochastic, trainable step), got {self.min_sigma}")
-        for name in ("n_critic", "n_generator", "baseline_hidden"):  # batch is checked by ChainConfig
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.gen_batch is not None and (not isinstance(self.gen_batch, int) or self.gen_batch < 1):
-            raise ValueError(f"gen_batch must be a positive int or None (all stored transitions), got {self.gen_batch!r}")
-        for name, low in [("lr", 0), ("critic_lr", 0), ("baseline_lr", 0), ("max_norm", 0), ("baseline_reg", None),
-                          ("gradient_penalty", None)]:
-            if not (getattr(self, name) > low if low is not None else getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be {'> 0' if low is not None else '>= 0'}, got {getattr(self, name)}")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema must be None (off) or a decay in (0, 1), got {self.ema}")
+from minialign.methods.chain import chain_timesteps
+from minialign.methods.sft_pg_config import SFTPGConfig
 
 
 class SFTPG(nn.Module):
