@@ -130,3 +130,12 @@ def test_output_widgets_are_left_to_the_cell_while_a_notebook_runs():
     with repro.no_widget_sync():
         assert client.on_comm_open_jupyter_widget(msg) is None
     assert client.on_comm_open_jupyter_widget(msg) is not None
+
+
+def test_compare_with_a_relative_tolerance(tmp_path):
+    for run, v in (("a", 0.015954535124544256), ("b", 0.015954477846819273)):
+        (tmp_path / run / "metrics").mkdir(parents=True)
+        (tmp_path / run / "metrics" / "nb.json").write_text(json.dumps({"swd": v, "label": 1}))
+    assert len(repro.compare(tmp_path / "a", tmp_path / "b")[0]) == 1            # bit-equal by default
+    assert repro.compare(tmp_path / "a", tmp_path / "b", rtol=1e-5)[0] == []      # 3.6e-6 apart
+    assert len(repro.compare(tmp_path / "a", tmp_path / "b", rtol=1e-6)[0]) == 1

@@ -170,9 +170,17 @@ def run_notebook(name: str, profile: str, out: Path, device: str = "cpu", inplac
 TIMING = ("seconds", "time", "backward_fraction")  # metric names holding a duration or a ratio of durations
 
 
-def compare(run_a, run_b) -> tuple[list[str], int, int]:
+def _differ(a, b, rtol: float) -> bool:
+    if rtol and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return not math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
+    return a != b
+
+
+def compare(run_a, run_b, rtol: float = 0.0) -> tuple[list[str], int, int]:
     """(differences as sentences, metrics compared, timing metrics skipped) between two runs' OUT/metrics/*.json.
-    Timing metrics (a name containing one of TIMING) are measurements of the clock and are skipped."""
+    Timing metrics (a name containing one of TIMING) are measurements of the clock and are skipped. rtol = 0: equal
+    to the bit; rtol > 0: numbers within that relative tolerance count as equal (float32 sums in another order, as
+    with another thread count, differ in the 7th digit)."""
     diffs, same, timed = [], 0, 0
     a_dir, b_dir = Path(run_a) / "metrics", Path(run_b) / "metrics"
     names = sorted({p.name for p in a_dir.glob("*.json")} | {p.name for p in b_dir.glob("*.json")})
@@ -186,7 +194,7 @@ def compare(run_a, run_b) -> tuple[list[str], int, int]:
         for key in sorted(set(a) | set(b)):
             if any(word in key for word in TIMING):
                 timed += 1
-            elif a.get(key) != b.get(key):
+            elif _differ(a.get(key), b.get(key), rtol):
                 diffs.append(f"{fname[:-5]}.{key}: {a.get(key)} vs {b.get(key)}")
             else:
                 same += 1
@@ -203,10 +211,12 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
     p.add_argument("--replay-steps", metavar="RUN", help="repeat the arena step counts of the run in folder RUN")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs' metrics and exit")
+    p.add_argument("--rtol", type=float, default=0.0, help="with --compare: relative tolerance (default 0: bit-equal)")
     args = p.parse_args(argv)
     if args.compare:
-        diffs, same, timed = compare(*args.compare)
-        print(f"[repro] {same} metrics identical, {len(diffs)} different, {timed} timing metrics not compared")
+        diffs, same, timed = compare(*args.compare, rtol=args.rtol)
+        print(f"[repro] {same} metrics identical{f' (to rtol {args.rtol:g})' if args.rtol else ''}, {len(diffs)} "
+              f"different, {timed} timing metrics not compared")
         print("\n".join(f"    {d}" for d in diffs))
         return 1 if diffs else 0
     names = notebook_names()
