@@ -94,3 +94,12 @@ def test_bench_rejects_an_unknown_method_and_bad_rounds():
         bench.run("toy2d", methods=["draft_1"], rounds=0)
     with pytest.raises(ValueError, match="clock must be 'wall' or 'cpu'"):
         bench.run("toy2d", methods=["draft_1"], clock="gpu")
+
+
+def test_flops_are_counted_per_step_and_repeat_exactly():
+    """FLOPs are the machine-independent cost: the same numbers on every run, and full backprop > DRaFT-1."""
+    a = bench.run("toy2d", n_steps=6, methods=["full_bp", "draft_1"], batch=4, rounds=1)
+    b = bench.run("toy2d", n_steps=6, methods=["full_bp", "draft_1"], batch=4, rounds=1)
+    fa = {r["method"]: (r["flops"], r["flops_range"]) for r in a["rows"]}
+    assert fa == {r["method"]: (r["flops"], r["flops_range"]) for r in b["rows"]}
+    assert fa["full_bp"][0] > fa["draft_1"][0] > fa["nograd"][0] > 0

@@ -18,6 +18,9 @@ fresh chain.
                  only its inputs (the rest is recomputed in backward).
     peak_saved   the peak of those bytes alive at once (a saved tensor counts until its graph is released):
                  differs from saved_bytes for a method that backpropagates pieces inside its loss (RLR's ZO).
+    flops        FLOPs of one step (forward and backward, checkpoint recomputation included), counted with
+                 torch.utils.flop_counter.FlopCounterMode over FLOP_SEEDS steps (mean, and min-max for a method whose
+                 step cost is random: AlignProp's K, ReFL's t): the machine-independent cost, the same on every run.
     peak_mb      (--peak, or run(peak=True)) each method alone in a fresh subprocess: its peak RSS
                  (VmHWM, reset before the first step: a child inherits its parent's ru_maxrss) minus its RSS
                  before the first step, so one method's peak cannot hide another's. On CUDA:
@@ -44,6 +47,20 @@ from minialign.sampling import plan_none, sample
 from minialign.schedule import timesteps
 
 MODELS = ("toy2d", "digits")
+FLOP_SEEDS = (0, 1, 2)  # steps whose FLOPs are counted per method (a random-cost method's spread shows)
+
+
+def count_flops(step: Callable[[int], torch.Tensor], seeds=FLOP_SEEDS) -> list[int]:
+    """FLOPs of step(seed) for each seed: forward and backward under FlopCounterMode (matrix products and
+    convolutions, 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = []
+    for seed in seeds:
+        with FlopCounterMode(display=False) as counter:
+            step(seed)
+        out.append(counter.get_total_flops())
+    return out
 
 
 def bench_methods() -> list[str]:
@@ -179,7 +196,7 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
     methods = [m for m in ("nograd", ref) if m not in methods] + methods  # the ratios' references
     net, schedule, reward, shape, cond, note = setup(model, device)
     params = list(net.parameters())
-    steps, saved, live, desc = {}, {}, {}, {}
+    steps, saved, live, desc, flops = {}, {}, {}, {}, {}
     for m in methods:
         desc[m], steps[m], forward = make_step(m, net, schedule, reward, shape, cond, n_steps, batch, model, device)
         own = params + getattr(forward, "params", [])
@@ -187,6 +204,7 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
         live[m] = peak_saved_bytes(lambda: forward(0), exclude=own) if forward is not None else 0
         for w in range(2):  # warm-up (allocator, kernel caches)
             steps[m](w)
+        flops[m] = count_flops(steps[m])
     times = interleaved_times(steps, rounds, device, time.process_time if clock == "cpu" else time.perf_counter)
     kw = dict(model_name=model, n_steps=n_steps, batch=batch, device=device)
     rows = []
@@ -196,6 +214,8 @@ def run(model: str = "toy2d", n_steps: int = 50, methods=None, batch: int = 32, 
         rows.append({"method": m, "description": desc[m], "seconds": statistics.median(times[m]), "times": times[m],
                      "time_vs_nograd": statistics.median(vs_nograd), "time_vs_nograd_range": [min(vs_nograd), max(vs_nograd)],
                      "time_vs_full_bp": statistics.median(vs_full), "time_vs_full_bp_range": [min(vs_full), max(vs_full)],
+                     "flops": statistics.mean(flops[m]), "flops_range": [min(flops[m]), max(flops[m])],
+                     "flops_vs_full_bp": statistics.mean(flops[m]) / max(statistics.mean(flops[ref]), 1),
                      "saved_bytes": saved[m], "saved_vs_full_bp": saved[m] / max(saved[ref], 1),
                      "peak_saved_bytes": live[m], "peak_saved_vs_full_bp": live[m] / max(live[ref], 1),
                      "peak_mb": _measure_isolated(m, **kw) if peak else None, "n_steps": n_steps, "batch": batch,
@@ -211,13 +231,13 @@ def format_table(result: dict) -> str:
     head = (f"one gradient step, model={c['model_name']} ({result['rows'][0]['weights']}), {c['n_steps']} steps, "
             f"batch {c['batch']}, {c['device']}, {result['rows'][0]['threads']} thread(s), {c['rounds']} interleaved rounds, "
             f"{c['clock']} clock")
-    cols = (f"{'method':<14}{'time s':>8}{'/nograd (min-max)':>20}{'/full BP (min-max)':>21}{'saved MB':>10}"
+    cols = (f"{'method':<14}{'GFLOP':>8}{'/full BP':>9}{'time s':>8}{'/nograd (min-max)':>20}{'/full BP (min-max)':>21}{'saved MB':>10}"
             f"{'/full BP':>9}{'live MB':>9}{'/full BP':>9}{'peak MB':>9}")
     lines = [head, cols, "-" * len(cols)]
     for r in result["rows"]:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         a, b = r["time_vs_nograd_range"], r["time_vs_full_bp_range"]
-        lines.append(f"{r['method']:<14}{r['seconds']:>8.3f}{r['time_vs_nograd']:>8.2f} ({a[0]:.2f}-{a[1]:.2f})"
+        lines.append(f"{r['method']:<14}{r['flops'] / 1e9:>8.1f}{r['flops_vs_full_bp']:>9.2f}{r['seconds']:>8.3f}{r['time_vs_nograd']:>8.2f} ({a[0]:.2f}-{a[1]:.2f})"
                      f"{r['time_vs_full_bp']:>9.2f} ({b[0]:.2f}-{b[1]:.2f}){r['saved_bytes'] / 2**20:>10.2f}"
                      f"{r['saved_vs_full_bp']:>9.3f}{r['peak_saved_bytes'] / 2**20:>9.2f}{r['peak_saved_vs_full_bp']:>9.3f}{peak:>9}")
     return "\n".join(lines)
