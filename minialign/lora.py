@@ -13,8 +13,9 @@ import torch
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
-    """The last name of every Linear layer of `model` (the default targets)."""
-    return sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    """The full name of every Linear layer of `model` (the default targets). Full names, not last names: peft
+    matches a target by suffix, and a last name such as "1" in a Sequential can also name a GroupNorm."""
+    return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n)
 
 
 def add_lora(model: torch.nn.Module, r: int = 4, target_modules=None, alpha: Optional[float] = None, seed: int = 0,
