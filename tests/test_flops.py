@@ -96,3 +96,60 @@ def test_bad_arguments_are_refused():
         log_grid(0.0)
     grid = log_grid(64.0, 4, span=8.0)
     assert grid[-1] == 64.0 and grid[0] == pytest.approx(8.0) and grid[1] / grid[0] == pytest.approx(2.0)
+
+
+def _charges(name, cost_class, steps):
+    """Per-step charges and final parameters of `steps` train() steps of a registered method on the shipped gmm
+    model (the arena's 20-step chain, batch 8), with the given cost_class (None: every step counted)."""
+    from minialign import methods as registry
+    from minialign.toy import store
+
+    model, schedule, _ = store.load("gmm")
+    model.requires_grad_(True)
+    loss_fn, _ = registry.setup(name, schedule, target_region((0.0, 0.0), 0.15), shape=(2,), kind="toy",
+                                context={"model_name": "gmm"}, model=model, n_steps=20, batch=8)
+    start = [p.detach().clone() for p in model.parameters()]
+    ledger = Ledger(model, "flops", [1e15], dict, cost_class=cost_class)
+    train(model, ledger.wrap(loss_fn), TrainConfig(steps=steps, lr=1e-3, seed=3, log_every=1, progress=False),
+          callback=ledger.callback, accelerator=ledger.accelerator())
+    ledger.finish()
+    return ledger, [(p.detach() - p0).clone() for p, p0 in zip(model.parameters(), start)]
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("minialign.methods", fromlist=["names"]).names()])
+def test_cached_cost_classes_charge_every_step_what_counting_it_would(name):
+    """Every registered reward method, 12 steps twice: every step counted vs the registry's cost_class (first step of
+    a class counted, the rest charged the cache). The charges are equal step by step (a cost class that misses what
+    the step's cost depends on fails here), and so are the trained parameters (the re-run of a step whose class is
+    new leaves no trace: same RNGs, same loss_fn state; a trace would change the draws and move them far)."""
+    from minialign import methods as registry
+
+    cost_class = registry.get(name).cost_class
+    exact, p_exact = _charges(name, None, 12)
+    cached, p_cached = _charges(name, cost_class, 12)
+    assert cached.costs == exact.costs
+    # the re-run leaves no trace; equal up to float rounding only: FlopCounterMode's dispatch changes some ops'
+    # rounding (full backprop's parameters differ by 6e-8 after 2 steps counted vs uncounted, same draws), which Adam
+    # grows (4e-6 after 12 steps); other draws would move them by the size of the updates (~1e-3)
+    moved = max(d.abs().max().item() for d in p_exact)
+    assert max((a - b).abs().max().item() for a, b in zip(p_exact, p_cached)) <= 0.01 * moved
+    if cost_class is not None:
+        assert cached.counted == len(cached.cache) < 12  # some steps were charged from the cache
+
+
+def test_a_method_whose_cost_cannot_be_keyed_is_counted_every_step():
+    from minialign import methods as registry
+
+    assert registry.get("sft_pg").cost_class is None  # its buffer lives in the model, outside its state_dict
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="hashable"):
+        ledger = Ledger(lin, "flops", [1e9], dict, cost_class=lambda stats: [1])
+        _run_step = ledger.wrap(lambda m, s, g: (m(torch.ones(1, 2)).sum(), {}))
+        _run_step(lin, 0, torch.Generator())
+
+
+def test_a_cost_class_that_misses_what_the_cost_depends_on_is_caught():
+    """AlignProp's cost depends on its K: one class for every step charges the wrong FLOPs (the test above would fail)."""
+    exact, _ = _charges("alignprop", None, 6)
+    wrong, _ = _charges("alignprop", lambda stats: "every step", 6)
+    assert wrong.costs != exact.costs and wrong.counted == 1

@@ -130,7 +130,8 @@ def _train(task, name, base, schedule, reward, ctx, *, seed, lr, clip, axis, bud
     """One (method, seed) run: train to the top budget, evaluated at every budget (measure/flops.Ledger)."""
     model = copy.deepcopy(base).requires_grad_(True)
     loss_fn, cfg = _setup(task, name, model, schedule, reward, ctx["overrides"], ctx["batch"])
-    ledger = Ledger(model, axis, budgets, lambda: ctx["evaluate"](model), clock=_clock(ctx["device"]))
+    ledger = Ledger(model, axis, budgets, lambda: ctx["evaluate"](model), clock=_clock(ctx["device"]),
+                    cost_class=registry.get(name).cost_class)
     try:
         train(model, ledger.wrap(loss_fn), TrainConfig(steps=ctx["max_steps"], lr=lr, seed=seed, batch=cfg.batch,
               grad_clip=clip, log_every=1, progress=False), callback=ledger.callback, accelerator=ledger.accelerator())

@@ -20,7 +20,17 @@ Each step is counted as it happens, so a method whose step cost is random (Align
 sample-then-update cycle) is charged for what that step did; the counts depend on (method, config, seed) only, not
 on the machine or its load. Cost: FlopCounterMode dispatches every tensor op through Python; measured on the digits
 UNet (20 steps, batch 32, 1 thread) it takes a step 2.1-2.4x the uncounted time (DRaFT-1 0.13 -> 0.28 s, full
-backprop 0.36 -> 0.79-0.88 s). Every step is counted (no per-cost-class cache): exact by construction.
+backprop 0.36 -> 0.79-0.88 s).
+
+Cost classes (the cheap exact count). A step's FLOPs and calls depend only on its cost class, a key the method
+reads off the step's own stats (`cost_class(stats)`, the registry's Method.cost_class: AlignProp its K, ReFL its t,
+DDPO collect vs update, RLR its j). With cost_class given, the first step of each class is counted and later steps
+of that class are charged the cached (flops, calls). The class is known only after the loss_fn returned, so a step
+runs uncounted first; when its class is new, the loss_fn's inputs are put back (the torch, numpy and python RNGs,
+the train() generator and the loss_fn's own state_dict(), which train() checkpoints for the same reason) and it runs
+again under the counter: the same computation, whose loss train() then differentiates (counted too). The first step
+is counted directly. cost_class=None counts every step (for a method whose cost cannot be keyed, or whose state
+lives outside its state_dict, as SFT-PG's buffer lives in the model).
 
 The model at budget b is the one after the last step whose cumulative cost (on `axis`) is <= b. A step's cost is
 known only after it ran, so the parameters before each step are kept (a copy of the trainable ones) and the
@@ -29,12 +39,15 @@ after it. Training stops (callback returns True) once every budget is evaluated.
 """
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from minialign.train import _rng_state, _set_rng_state  # the RNGs train() checkpoints: a re-run needs the same
 
 AXES = ("flops", "calls", "steps")
 
@@ -52,10 +65,11 @@ class Ledger:
     """Counts each train() step of one run (see the module docstring) and evaluates the model at `budgets`.
 
     evaluate() -> dict of numbers for the model as it is (called in eval mode under no_grad by the caller's code);
-    params: what the step changes (default: the model's parameters with requires_grad)."""
+    params: what the step changes (default: the model's parameters with requires_grad).
+    cost_class: cost_class(stats) -> a hashable key, or None: count every step (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, axis: str, budgets, evaluate: Callable[[], dict], params=None,
-                 clock: Callable[[], float] = time.process_time):
+                 clock: Callable[[], float] = time.process_time, cost_class: Optional[Callable[[dict], object]] = None):
         if axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
         self.budgets = sorted(float(b) for b in budgets)
@@ -69,6 +83,8 @@ class Ledger:
         self.diverged: Optional[str] = None
         self.capped = False
         self._rows_on = False
+        self.cost_class, self.cache, self.counted = cost_class, {}, 0  # cache: class -> {"flops", "calls"}
+        self._key, self._count = None, True
         self._handle = model.register_forward_hook(self._count_rows)
 
     def _count_rows(self, module, args, out):
@@ -76,24 +92,53 @@ class Ledger:
             self.total["calls"] += int(args[0].shape[0])
 
     @contextmanager
-    def _counting(self, rows: bool):
-        t0, self._rows_on = self.clock(), rows
-        mode = FlopCounterMode(display=False)
+    def _counting(self, rows: bool, count: bool = True):
+        t0, self._rows_on = self.clock(), rows and count
+        mode = FlopCounterMode(display=False) if count else None
         try:
-            with mode:
+            if mode is None:
                 yield
+            else:
+                with mode:
+                    yield
         finally:
             self._rows_on = False
-            self.total["flops"] += int(mode.get_total_flops())
+            self.total["flops"] += int(mode.get_total_flops()) if mode is not None else 0
             self.total["seconds"] += self.clock() - t0
+
+    def _classify(self, stats: dict):
+        key = self.cost_class(stats)
+        try:
+            hash(key)
+        except TypeError:
+            raise ValueError(f"cost_class must return a hashable key, got {key!r}") from None
+        return key
 
     def wrap(self, loss_fn):
         """loss_fn, counted; each call starts a step (the trainable parameters before it are kept)."""
         def counted(model, step, generator):
             self.before = dict(self.total)
             self.snapshot = [p.detach().clone() for p in self.params]
-            with self._counting(rows=True):
-                return loss_fn(model, step, generator)
+            self._count = self.cost_class is None or not self.cache
+            if self._count:
+                with self._counting(rows=True):
+                    out = loss_fn(model, step, generator)
+                self._key = self._classify(out[1]) if self.cost_class is not None else None
+                return out
+            inputs = _inputs(loss_fn, generator)
+            with self._counting(rows=False, count=False):
+                out = loss_fn(model, step, generator)
+            self._key = self._classify(out[1])
+            self._count = self._key not in self.cache
+            if self._count:  # a new class: the same step again from the same inputs, counted
+                del out
+                _put_back(loss_fn, generator, inputs)
+                with self._counting(rows=True):
+                    out = loss_fn(model, step, generator)
+                if self._classify(out[1]) != self._key:
+                    raise RuntimeError(f"step {step}: re-run from the same inputs gave cost class "
+                                       f"{self._classify(out[1])!r}, not {self._key!r} (state outside state_dict?)")
+            return out
         for attr in {"optimizer", "state_dict", "load_state_dict"} & set(dir(loss_fn)):
             setattr(counted, attr, getattr(loss_fn, attr))  # a method's own networks and state (SFT-PG)
         return counted
@@ -126,6 +171,12 @@ class Ledger:
     def callback(self, step: int, row: dict) -> bool:
         """train()'s callback (log_every=1): settle the budgets this step crossed; True once none is left."""
         self.total["step"] = step
+        if self.cost_class is not None and self._count:
+            self.cache[self._key] = {k: self.total[k] - self.before[k] for k in ("flops", "calls")}
+        elif self.cost_class is not None:
+            for k, v in self.cache[self._key].items():
+                self.total[k] += v
+        self.counted += bool(self._count)
         cost = self._value(self.total) - self._value(self.before)
         if not cost > 0:
             raise ValueError(f"step {step} cost {cost} on axis {self.axis!r}: a budget needs every step to cost > 0")
@@ -165,5 +216,21 @@ class _CountedAccelerator:
         return getattr(self._acc, name)
 
     def backward(self, loss, **kwargs):
-        with self._ledger._counting(rows=False):
+        with self._ledger._counting(rows=False, count=self._ledger._count):
             self._acc.backward(loss, **kwargs)
+
+
+def _inputs(loss_fn, generator) -> dict:
+    """What a loss_fn call depends on besides the model: the RNGs (train()'s checkpoint set, and CUDA's) and its own
+    state_dict() (copied)."""
+    state = loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None
+    return {"rng": _rng_state(generator), "state": copy.deepcopy(state),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _put_back(loss_fn, generator, inputs: dict) -> None:
+    _set_rng_state(inputs["rng"], generator)
+    if inputs["cuda"] is not None:
+        torch.cuda.set_rng_state_all(inputs["cuda"])
+    if inputs["state"] is not None:
+        loss_fn.load_state_dict(copy.deepcopy(inputs["state"]))

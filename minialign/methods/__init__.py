@@ -48,6 +48,9 @@ class Method:
     row:         row(cfg, example) -> (cells, drawn, note): the method's gradient plan for the plan figure
                  (minialign.kit.figures), cells = the sampler's StepPlans or figure kinds, one per step; example:
                  the step shown for a random draw (None: the middle of its range); drawn: that draw's cell or None
+    cost_class:  cost_class(stats) -> hashable: the step's cost class from its own stats (steps of one class cost the
+                 same FLOPs and network calls; measure/flops.Ledger counts one and charges the rest); default: one
+                 class; None: the cost cannot be keyed, every step is counted
     """
 
     name: str
@@ -62,6 +65,7 @@ class Method:
     prepare: Optional[Callable] = None
     extra: Optional[Callable] = None
     row: Optional[Callable] = None
+    cost_class: Optional[Callable] = lambda stats: "every step"
 
     def make_config(self, **overrides):
         unknown = set(overrides) - set(self.config.__dataclass_fields__)
@@ -79,6 +83,11 @@ class Method:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return dict(self.extra(kind, **context)) if self.extra is not None else {}
+
+
+def _keyed(*names):
+    """cost_class reading the step's stats `names` (a method whose step cost varies with what it drew)."""
+    return lambda stats: tuple(stats.get(n) for n in names)
 
 
 def _k_at_most(n_steps, batch, k):
@@ -118,7 +127,8 @@ def _tlora(model, cfg):
 _TB = truncated_bp.TruncatedBPConfig
 REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("ddpo", "DDPO", ddpo.DDPOConfig, ddpo.make_loss,
-           "PPO-clip on the denoising MDP, eta = 1 (Black et al. 2023)", grad_reward=False, row=likelihood_row),
+           "PPO-clip on the denoising MDP, eta = 1 (Black et al. 2023)", grad_reward=False, row=likelihood_row,
+           cost_class=_keyed("resampled")),
     Method("full_bp", "full backprop", full_bp.FullBPConfig, full_bp.make_loss,
            "backprop through every step: the exact pathwise gradient", row=full_row),
     Method("full_bp_ckpt", "full backprop (checkpointed)", full_bp.FullBPConfig, full_bp.make_loss,
@@ -126,29 +136,31 @@ REGISTRY: dict[str, Method] = {m.name: m for m in [
     Method("draft_1", "DRaFT-1", _TB, truncated_bp.make_loss, "graph on the last step only (Clark et al. 2023)",
            defaults=dict(k=1), chain=lambda n, b: _k_at_most(n, b, 1), row=truncated_row),
     Method("draft_k", "DRaFT-K", _TB, truncated_bp.make_loss, "graph on the last K = 5 steps, latent cut before",
-           defaults=dict(k=5), chain=lambda n, b: _k_at_most(n, b, 5), row=truncated_row),
+           defaults=dict(k=5), chain=lambda n, b: _k_at_most(n, b, 5), row=truncated_row, cost_class=_keyed("k")),
     Method("alignprop", "AlignProp", _TB, truncated_bp.make_loss,
            "last K ~ U{1..N} steps with graph, latent path kept (Prabhudesai et al. 2023)",
-           defaults=dict(variant="alignprop", random_k=True), row=truncated_row),
+           defaults=dict(variant="alignprop", random_k=True), row=truncated_row, cost_class=_keyed("k")),
     Method("draft_lv", "DRaFT-LV", _TB, truncated_bp.make_loss, "K = 1, the final sample re-noised n = 2 times",
            defaults=dict(variant="draft_lv", lv_samples=2), row=truncated_row),
     Method("refl", "ReFL", refl.ReFLConfig, refl.make_loss, "one graph step at a random late t, reward on x0_hat (Xu et al. 2023)",
-           row=refl_row),
+           row=refl_row, cost_class=_keyed("t")),
     Method("shortft", "ShortFT", shortft.ShortFTConfig, shortft.make_loss,
            "trainable base steps alternating with frozen shortcut jumps, end-to-end backprop (Guo et al. 2025)",
-           extra=_shortcut, row=shortft_row),
+           extra=_shortcut, row=shortft_row, cost_class=_keyed("anchors_trained")),
     Method("shortft_tlora", "ShortFT (T-LoRA)", shortft.ShortFTConfig, shortft.make_loss,
            "ShortFT training one stacked LoRA per segment, routed by timestep (Guo et al. 2025)",
-           defaults=dict(tlora="stacked"), prepare=_tlora, extra=_shortcut, row=shortft_row),
+           defaults=dict(tlora="stacked"), prepare=_tlora, extra=_shortcut, row=shortft_row,
+           cost_class=_keyed("anchors_trained")),
     Method("sdo", "SDO", sdo.SDOConfig, sdo.make_loss, "one retained graph step (random k), the linear skip path elsewhere (Dou et al. 2025)",
            row=sdo_row),
     Method("rlr", "RLR", rlr.RLRConfig, rlr.make_loss, "FO last step + HO sub-chain (h = 2) + inherent-noise ZO elsewhere (Ren et al. 2025)",
-           chain=_loo_needs_two, row=rlr_row),
+           chain=_loo_needs_two, row=rlr_row),  # one cost class: every j re-runs h steps, ZO the other n - 1 - h
     Method("rlr_released", "RLR (released code)", rlr.RLRConfig, rlr.make_loss, "the authors' released code: FO x 0.05 + 2 single-step PPO terms x 0.001 at ratio 1, eta 0.05, no ZO",
-           defaults=dict(variant="released"), chain=_loo_needs_two, row=rlr_row),
+           defaults=dict(variant="released"), chain=_loo_needs_two, row=rlr_row,
+           cost_class=_keyed("ho_dropped")),
     Method("sft_pg", "SFT-PG", sft_pg.SFTPGConfig, sft_pg.make_loss,
            "policy gradient against a learned critic of the data (Fan & Lee 2023)", grad_reward=False, needs_data=True,
-           row=critic_row),
+           row=critic_row, cost_class=None),  # its trajectory buffer lives in the model, outside its state_dict
 ]}
 
 
