@@ -30,6 +30,7 @@ KINDS = {  # kind: (colour, legend text)
     "no graph": ("#f2f2f2", "no graph (sampled only)"),
     "not run": ("#ffffff", "not run"),
 }
+TITLE = "Gradient plans: what each step of the chain contributes to the gradient"
 CELLS = set(KINDS) | {"likelihood+graph"}  # + a graph step that is also the likelihood ratio (RLR's HO end)
 
 
@@ -78,10 +79,11 @@ def rows(n_steps: int = 10, example: Optional[int] = None, methods: Optional[Seq
 
 
 def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=None, highlight: Optional[str] = None,
-                example: Optional[int] = None, overrides: Optional[dict] = None):
+                example: Optional[int] = None, overrides: Optional[dict] = None, title: Optional[str] = None):
     """Draw the gradient plans of `methods` (registry names; default: every registered method) on `ax`; returns ax.
     highlight: one method whose row label is drawn in bold (the notebook's own method); example, overrides: as
-    `rows`. A method that declares no plan row is drawn as "no picture"."""
+    `rows`; title: the axes' title (default TITLE; a notebook that shows methods it has not defined yet says
+    "preview" there). A method that declares no plan row is drawn as "no picture"."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
     from matplotlib.transforms import offset_copy
@@ -131,5 +133,5 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
     below = offset_copy(ax.transAxes, ax.figure, y=-40, units="points")  # under the x label, whatever the height
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=3, fontsize=9,
               frameon=False)
-    ax.set_title("Gradient plans: what each step of the chain contributes to the gradient", fontsize=11)
+    ax.set_title(TITLE if title is None else title, fontsize=11)
     return ax
