@@ -240,3 +240,38 @@ def test_bias_task_truncated_gradients_miss_the_exact_gradient_full_backprop_doe
         torch.testing.assert_close(model(torch.zeros(3, 2), t) - model.net(torch.zeros(3, 2), t), model.bias[[0, 19, 3]])
     with pytest.raises(ValueError, match="not steps of this model's chain"):
         model(torch.zeros(1, 2), torch.tensor([5]))
+
+
+def test_the_gold_classifier_is_independent_of_the_reward_classifier_and_accurate_held_out():
+    """data/gold (python -m minialign.toy.pretrain gold): another architecture and split than data/classifier; >= 0.9
+    accuracy on its own held-out split; its predictions differ from the reward classifier's on some inputs (noised
+    digits), so a method that fools the reward's CNN need not fool it."""
+    from minialign.toy import data, store
+
+    gold, _, meta = store.load("gold")
+    reward_net = store.load("classifier")[0]
+    assert type(gold) is not type(reward_net) and "seed 1" in meta["split"] and meta["command"].endswith("gold")
+    x, y = data.load_digits_tensors("test", seed=1)
+    with torch.no_grad():
+        assert (gold(x).argmax(1) == y).float().mean().item() >= 0.9
+        noisy = x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        disagree = (gold(noisy).argmax(1) != reward_net(noisy).argmax(1)).float().mean().item()
+    assert 0.02 < disagree < 0.9
+
+
+def test_the_arena_records_gold_and_feature_mmd_at_every_budget():
+    """A digits task records the gold score and the feature MMD next to reward and drift at every budget (and the
+    pretrained model's at budget 0); the pretrained digits-3 share by the gold classifier is low (an unconditional
+    model draws every digit), real 3s score ~1 and ~0 MMD."""
+    task = tasks.get("digit3_tempered")
+    result = arena.run(["draft_1"], task, steps={"draft_1": 2}, seeds=[0], evals=2, progress=False)
+    c = result["runs"][0]["curve"]
+    assert len(c["gold"]) == len(c["feature_mmd"]) == len(c["reward"]) == 3
+    assert all(0 <= g <= 1 for g in c["gold"]) and all(m == m for m in c["feature_mmd"])
+    assert c["gold"][0] == result["at_start"]["gold"] < 0.3
+    row = result["rows"][0]
+    assert row["gold"] == c["gold"][-1] and "gold" in arena.format_table(result)
+    from minialign.toy import data
+    x, y = data.load_digits_tensors("all")
+    real, q8 = (task.quality()(x[y == d], None) for d in (3, 8))
+    assert real["gold"] > 0.95 and abs(real["feature_mmd"]) < 0.05 and q8["feature_mmd"] > 0.5

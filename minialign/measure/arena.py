@@ -14,8 +14,9 @@ Protocol.
   model at budget b is the one after the last step whose cumulative cost is <= b. Wall time is recorded as a
   second axis ("seconds"), never a budget.
 - One evaluation chain per task (Task.eval_chain: its steps and spacing, eta = task.eval_eta, fixed noise and
-  conditioning) for every method, whatever chain it trains on: reward, and drift = the sliced W2 to the pretrained
-  model's samples from the same noise.
+  conditioning) for every method, whatever chain it trains on: reward, drift = the sliced W2 to the pretrained
+  model's samples from the same noise, and the task's quality scores the reward does not see (digits: "gold" and
+  "feature_mmd", measure/tasks.digit_quality), at every budget.
 - Settings, recorded per method (result["settings"]): the learning rate (task.lr or `lr`, or picked from `lr_grid` on
   `tuning_seed`, which must not be a reported seed: each value trains once to the top budget and the best mean
   reward over the budget grid wins; what the tuning cost is in result["tuning"]) and gradient clipping (`grad_clip`:
@@ -140,8 +141,7 @@ def _train(task, name, base, schedule, reward, ctx, *, seed, lr, clip, axis, bud
     ledger.finish()
     curve = {k: [0.0 if k == "seconds" else 0] + [p[k] for p in ledger.points]
              for k in ("budget", "step", "flops", "calls", "seconds")}
-    curve.update(reward=[ctx["pretrained"]] + [p["reward"] for p in ledger.points],
-                 drift=[0.0] + [p["drift"] for p in ledger.points])
+    curve.update({k: [v] + [p.get(k, math.nan) for p in ledger.points] for k, v in ctx["at_start"].items()})  # reward, drift, quality
     return {"method": name, "seed": seed, "eta": cfg.eta, "lr": lr, "grad_clip": clip, "pretrained": ctx["pretrained"],
             "steps": ledger.total["step"], "spent": {k: ledger.total[k] for k in ("flops", "calls", "step")},
             "diverged": ledger.diverged, "capped": ledger.capped, "curve": curve}, model
@@ -193,12 +193,16 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
 
     reference = draw(base)
 
+    quality = task.quality() if task.quality is not None else None
+
     def evaluate(model):
         x = draw(model)
-        return {"reward": reward(x, c_eval).mean().item(), "drift": sliced_wasserstein(x.flatten(1), reference.flatten(1))}
+        return {"reward": reward(x, c_eval).mean().item(), "drift": sliced_wasserstein(x.flatten(1), reference.flatten(1)),
+                **(quality(x, c_eval) if quality is not None else {})}
 
+    at_start = evaluate(base)
     ctx = dict(overrides=overrides, batch=batch, device=device, max_steps=max_steps, evaluate=evaluate,
-               pretrained=evaluate(base)["reward"])
+               pretrained=at_start["reward"], at_start=at_start)
     lrs, tuning = {n: lr or task.lr for n in method_names}, {}
     for name in method_names if lr_grid else []:
         scores, spent = {}, {"flops": 0, "calls": 0, "step": 0}
@@ -224,7 +228,7 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
     result = {"task": task.name, "task_label": task.label, "reward": reward.name, "ceiling": task.ceiling,
               "ranks": task.ranks, "budget": {k: v for k, v in budget.items() if k != "steps"}, "axis": axis,
               "budgets": grids, "eval_chain": ec, "lr": lr or task.lr, "seeds": seeds, "pretrained": ctx["pretrained"],
-              "drift_limit": drift_limit if drift_limit is not None else task.drift_limit,
+              "drift_limit": drift_limit if drift_limit is not None else task.drift_limit, "at_start": ctx["at_start"],
               "settings": {n: {"lr": lrs[n], "grad_clip": clips.get(n)} for n in method_names}, "tuning": tuning,
               "steps": {n: max(r["steps"] for r in runs if r["method"] == n) for n in method_names},
               "probe": {n: {"seconds_per_step": s} for n, s in probed.items()}, "runs": runs}

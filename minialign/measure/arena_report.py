@@ -1,9 +1,11 @@
 """What an arena result says: the statistics along its curves, the tidy table, the figure and its fingerprint.
 
     analyse(result)        diverged seeds per method, and measure/stats.curves_verdicts on the kept seeds
-    summarise(result)      one row per method (final reward, gain, AUC, drift, compute), diverged seeds counted apart
+    summarise(result)      one row per method (final reward, gain, AUC, drift, gold / feature MMD where the task scores
+                           them, compute), diverged seeds counted apart
     format_table(result)   the table and, per pair of methods, the budget ranges where each is ahead
-    plot(result)           reward vs compute (log axis for FLOPs and calls) and reward vs drift
+    plot(result)           reward vs compute (log axis for FLOPs and calls); Pareto panels: reward vs drift, and
+                           reward vs gold where the task scores it
     fingerprint(result)    sha256 of the result without its wall-time entries
     time_to, distinguishable (legacy helpers the notebooks use)
 
@@ -20,6 +22,8 @@ import torch
 
 from minialign import methods as registry
 from minialign.measure import stats
+
+QUALITY = ("gold", "feature_mmd")  # scores a task may record that the reward does not see (measure/tasks.py)
 
 
 def _diverged(r, limit) -> bool:
@@ -67,6 +71,8 @@ def summarise(result: dict) -> list[dict]:
                      "drift": mean(last("drift")), "drift_std": sd(last("drift")), "pretrained": mean([r["pretrained"] for r in rs]),
                      "steps": result["steps"][name], "seconds": mean(last("seconds")), "calls": mean(last("calls")),
                      "flops": mean(last("flops")), "seeds": len(rs),
+                     **{k: mean(last(k)) for k in QUALITY if rs and k in rs[0]["curve"]},
+                     **{f"{k}_std": sd(last(k)) for k in QUALITY if rs and k in rs[0]["curve"]},
                      "diverged": sum(r["method"] == name for r in result["runs"]) - len(rs)})
     return rows
 
@@ -88,7 +94,8 @@ def format_table(result: dict) -> str:
              + ("" if result.get("ranks", True) else " (a check: this task saturates and ranks nothing)"), head, "-" * len(head)]
     for r in sorted(result["rows"], key=lambda r: -r["final"] if math.isfinite(r["final"]) else math.inf):
         lines.append(f"{r['label']:<28}{r['final']:>10.3f} ± {r['final_std']:.3f}{r['gain']:>8.3f}"
-                     f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['flops'] / 1e9:>9.2f}{r['diverged']:>9}")
+                     f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['flops'] / 1e9:>9.2f}{r['diverged']:>9}"
+                     + (f"   gold {r['gold']:.3f} ± {r['gold_std']:.3f}, feature MMD {r['feature_mmd']:.3f}" if "gold" in r else ""))
     for p in result.get("pairs", []):
         lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(f"{k} over {v}" for k, v in p["ahead"].items())
                      + (" (fewer than 5 seeds: not a headline)" if p.get("few_seeds") else ""))
@@ -96,11 +103,14 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, axes=None):
-    """Reward against training compute (the budget axis; mean over seeds, band = ± std) and reward vs drift."""
+    """Reward against training compute (the budget axis; mean over seeds, band = ± std) and the Pareto panels:
+    reward vs drift and, where the task scores it, reward vs gold (every budget's mean as a small dot joined per
+    method, the top budget's seeds as faint dots and its mean ± std as a large marker)."""
     import matplotlib.pyplot as plt
 
+    gold = any("gold" in r["curve"] for r in result["runs"])
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+        _, axes = plt.subplots(1, 3 if gold else 2, figsize=(16.5 if gold else 11, 3.8), dpi=100)
     key = "seconds" if result.get("axis", "steps") == "steps" else result["axis"]
     from minialign.kit.style import color
 
@@ -113,13 +123,18 @@ def plot(result: dict, axes=None):
         axes[0].plot(t, y.mean(0), "o-", ms=3, color=col, label=row["label"])
         if len(rs) > 1:
             axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=col, alpha=0.15)
-        axes[1].scatter([c["drift"][-1] for c in rs], [c["reward"][-1] for c in rs], color=col, s=18, alpha=0.5)
-        axes[1].errorbar(row["drift"], row["final"], xerr=row["drift_std"], yerr=row["final_std"], fmt="o",
-                         color=col, ms=7, capsize=3, label=row["label"])
+        for ax, k in zip(axes[1:], ("drift", "gold") if gold else ("drift",)):
+            ax.plot(torch.tensor([c[k] for c in rs]).mean(0), y.mean(0), ".-", ms=4, lw=0.8, color=col, alpha=0.6)
+            ax.scatter([c[k][-1] for c in rs], [c["reward"][-1] for c in rs], color=col, s=18, alpha=0.5)
+            ax.errorbar(row[k], row["final"], xerr=row[f"{k}_std"], yerr=row["final_std"], fmt="o", color=col, ms=7,
+                        capsize=3, label=row["label"])
     axes[0].set(xlabel={"seconds": "training time (s)", "flops": "training FLOPs", "calls": "network calls"}[key],
                 ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute",
                 xscale="linear" if key == "seconds" else "log")
-    axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="final reward", title="reward vs drift (dots: seeds)")
+    axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="reward", title="reward vs drift (dots: seeds)")
+    if gold:
+        axes[2].set(xlabel="gold: p(target) by the independent classifier", ylabel="reward",
+                    title="reward vs gold (a line: the budget grid)")
     axes[0].legend(fontsize=10, loc="best")
     return axes
 

@@ -27,6 +27,12 @@ Every method is scored on the task's ONE evaluation chain (`eval_chain`: its ste
 `drift_limit` (sliced W2 to the pretrained samples) is the drift above which a seed counts as diverged (None: only
 non-finite values do).
 
+Quality the methods do not optimise (every digits task, `quality`): "gold" = the mean probability the GOLD
+classifier (data/gold: an MLP on another split, `python -m minialign.toy.pretrain gold`, independent of the reward's
+CNN) gives the task's target digit, on the images clamped to [-1, 1] (untempered); feature_mmd = the squared MMD
+(RBF, median-heuristic bandwidths; metrics.mmd_rbf) between the gold classifier's features of the samples and of the
+real digits of the target class (lower is better; ~0 for real digits of that class).
+
 Drift (every task): sliced W2 between the tuned model's samples and the pretrained model's samples from the
 same noise and conditioning (flattened), so 0 means "unchanged".
 """
@@ -64,6 +70,7 @@ class Task:
     eval_eta: float = 0.0              # the evaluation chain's eta (the same for every method)
     drift_limit: Optional[float] = None  # drift above which a seed is flagged as diverged
     ranks: bool = True                 # False: saturates, a check only (no ranking is drawn from it)
+    quality: Optional[Callable] = None  # quality() -> fn(x, cond) -> {name: number}: scores the reward does not see
 
     def eval_chain(self) -> dict:
         """The one chain every method is scored on: n_steps, eta, spacing, offset, final_timestep."""
@@ -179,6 +186,30 @@ class BiasTask(Task):
         return StepBias(net, ts, self.shape[0]).to(device).eval().requires_grad_(False), schedule
 
 
+def digit_quality(target: Optional[int] = None, label_offset: int = 0):
+    """quality() for a digits task (see the module docstring): fn(x [B, 1, 8, 8], cond) -> {"gold", "feature_mmd"}.
+    target None: each row's target is (cond + label_offset) mod 10, the reference every real digit of those classes."""
+    def build():
+        from minialign.metrics import mmd_rbf
+        from minialign.toy import data, store
+
+        gold = store.load("gold")[0]
+        real, labels = data.load_digits_tensors("all")
+
+        @torch.no_grad()
+        def fn(x, cond=None):
+            if target is None and cond is None:
+                raise ValueError("digit_quality(target=None) scores images against their labels: pass cond [B]")
+            want = torch.full((len(x),), int(target)) if target is not None else (cond.cpu() + label_offset) % 10
+            x = x.detach().cpu().float().clamp(-1, 1)
+            g = gold.to(torch.float32)
+            p = g(x).softmax(1).gather(1, want[:, None]).squeeze(1)
+            ref = real[torch.isin(labels, want.unique())]
+            return {"gold": p.mean().item(), "feature_mmd": mmd_rbf(g.features(x), g.features(ref), bandwidths=None)}
+        return fn
+    return build
+
+
 def _brightness():
     from minialign.rewards.image import brightness
 
@@ -187,12 +218,14 @@ def _brightness():
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0, ranks=False,
+         quality=digit_quality(3),
          why="saturates: every baseline reaches p = 1.000 in seconds (notebook 02); a sanity check, ranks nothing"),
     Task("digit3_tempered", "tempered p(3), clamped", "digits",
-         lambda: classifier_reward(3, temperature=20.0, clamp=True), (1, 8, 8), ceiling=1.0,
+         lambda: classifier_reward(3, temperature=20.0, clamp=True), (1, 8, 8), ceiling=1.0, quality=digit_quality(3),
          why="a recognisable 3 scores ~0.5; the reward keeps rising with the classifier's margin on in-range pixels"),
     Task("digit_plus_one", "draw label + 1", "digits",
          lambda: classifier_reward(None, label_offset=1, temperature=20.0, clamp=True), (1, 8, 8), conditional=True,
+         quality=digit_quality(None, label_offset=1),
          ceiling=1.0, why="ten label-to-digit mappings to relearn at once; the pretrained model draws its label so "
          "well that p(label + 1) ~ 2e-5, where a probability's gradient vanishes: tempered (T = 20), it starts near 0.1"),
     Task("ring_centre", "2-D: into the ring's centre (easy)", "gmm", lambda: target_region((0.0, 0.0), radius=0.15),

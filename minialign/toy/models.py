@@ -148,4 +148,17 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-MODELS = {"mlp": MLPDenoiser, "unet": DigitsUNet, "classifier": DigitsClassifier}
+class DigitsMLP(DigitsClassifier):
+    """The "gold" digit classifier: an MLP on the 64 flattened pixels (no convolution, no weight shared with
+    DigitsClassifier, trained on another split), so the arena can score what the reward classifier does not see.
+    `features` is its penultimate layer [B, hidden]; it inherits only DigitsClassifier's features/forward."""
+
+    def __init__(self, hidden: int = 256):
+        nn.Module.__init__(self)  # its own layers, not the CNN's
+        self.config = {"hidden": hidden}
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.GELU(), nn.LayerNorm(hidden),
+                                  nn.Linear(hidden, hidden), nn.GELU())
+        self.head = nn.Linear(hidden, 10)
+
+
+MODELS = {"mlp": MLPDenoiser, "unet": DigitsUNet, "classifier": DigitsClassifier, "gold_mlp": DigitsMLP}

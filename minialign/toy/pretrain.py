@@ -5,6 +5,7 @@
     python -m minialign.toy.pretrain gmm            # 2-D Gaussian mixture, T = 1000
     python -m minialign.toy.pretrain digits         # 8x8 digits, class-conditional UNet, T = 1000
     python -m minialign.toy.pretrain classifier     # digit classifier (reward and quality score)
+    python -m minialign.toy.pretrain gold           # the arena's "gold" classifier: an MLP on another split
     python -m minialign.toy.pretrain all
 
 Denoisers minimise the usual epsilon-prediction loss E ||eps - eps_theta(q_sample(x0, t, eps), t)||^2.
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from minialign.schedule import Schedule, q_sample
 from minialign.toy import data, store
-from minialign.toy.models import DigitsClassifier, DigitsUNet, MLPDenoiser
+from minialign.toy.models import DigitsClassifier, DigitsMLP, DigitsUNet, MLPDenoiser
 
 # name -> (dataset, schedule args, model factory, optimiser, steps, batch, lr)
 RECIPES = {
@@ -33,6 +34,8 @@ RECIPES = {
                 net=dict(hidden=256, embedding="sinusoidal")),
     "digits": dict(data="digits", schedule=("linear", 1000, 1e-4, 2e-2), opt="adam", steps=5000, batch=128, lr=2e-3),
     "classifier": dict(data="digits", opt="adam", steps=3000, batch=128, lr=2e-3),
+    # independent of the reward's classifier: another architecture (DigitsMLP), another stratified split (seed 1)
+    "gold": dict(data="digits", opt="adam", steps=3000, batch=128, lr=1e-3, split_seed=1),
 }
 
 
@@ -91,9 +94,17 @@ def train_classifier(steps: int | None = None, seed: int = 0, progress: bool = T
     x_te, y_te = data.load_digits_tensors("test")
     model = DigitsClassifier()
     opt = _optimiser(r["opt"], model.parameters(), r["lr"])
+    acc = _fit_classifier(model, opt, (x_tr, y_tr), (x_te, y_te), steps, r["batch"], g, "classifier", progress)
+    return model, {"steps": steps, "batch": r["batch"], "lr": r["lr"], "seed": seed, "test_accuracy": acc,
+                   "split": "stratified 80/20, seed 0 (minialign.toy.data.load_digits_tensors)"}
+
+
+def _fit_classifier(model, opt, train, test, steps: int, batch: int, g, name: str, progress: bool) -> float:
+    """Cross-entropy steps on noised training digits (cosine schedule); returns the held-out accuracy."""
+    (x_tr, y_tr), (x_te, y_te) = train, test
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
-    for _ in tqdm(range(steps), desc="pretrain classifier", disable=not progress):
-        idx = torch.randint(0, len(x_tr), (r["batch"],), generator=g)
+    for _ in tqdm(range(steps), desc=f"pretrain {name}", disable=not progress):
+        idx = torch.randint(0, len(x_tr), (batch,), generator=g)
         # light noise augmentation so the reward is not fooled by tiny off-manifold perturbations
         x = x_tr[idx] + 0.1 * torch.randn(len(idx), 1, 8, 8, generator=g)
         loss = F.cross_entropy(model(x), y_tr[idx])
@@ -103,9 +114,23 @@ def train_classifier(steps: int | None = None, seed: int = 0, progress: bool = T
         sched.step()
     model.eval()
     with torch.no_grad():
-        acc = (model(x_te).argmax(1) == y_te).float().mean().item()
-    return model, {"steps": steps, "batch": r["batch"], "lr": r["lr"], "seed": seed, "test_accuracy": acc,
-                   "split": "stratified 80/20, seed 0 (minialign.toy.data.load_digits_tensors)"}
+        return (model(x_te).argmax(1) == y_te).float().mean().item()
+
+
+def train_gold(steps: int | None = None, seed: int = 0, progress: bool = True):
+    """The held-out quality score's classifier (DigitsMLP) on the digits split with seed 1: its test set is its own,
+    its training set overlaps the reward classifier's only by chance (both are 80% of the 1797 images)."""
+    r = RECIPES["gold"]
+    steps = steps or r["steps"]
+    torch.manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    train, test = (data.load_digits_tensors(s, seed=r["split_seed"]) for s in ("train", "test"))
+    model = DigitsMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=1e-2)
+    acc = _fit_classifier(model, opt, train, test, steps, r["batch"], g, "gold", progress)
+    return model, {"steps": steps, "batch": r["batch"], "lr": r["lr"], "optimizer": "adamw, weight decay 1e-2",
+                   "seed": seed, "test_accuracy": acc, "split": f"stratified 80/20, seed {r['split_seed']} "
+                   "(minialign.toy.data.load_digits_tensors; the reward classifier's split has seed 0)"}
 
 
 def main(argv=None):
@@ -115,6 +140,8 @@ def main(argv=None):
         t0 = time.time()
         if name == "classifier":
             model, meta = train_classifier(args.steps, args.seed)
+        elif name == "gold":
+            model, meta = train_gold(args.steps, args.seed)
         else:
             model, meta = train_denoiser(name, args.steps, args.seed)
         cmd = f"python -m minialign.toy.pretrain {name}" + (f" --steps {args.steps}" if args.steps else "")
