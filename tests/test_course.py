@@ -240,10 +240,36 @@ WRONG = {  # typical mistakes; each must fail its test cell
                   "    return (z + lr * g).detach()",
     "07_results_ex1": "return abs(mean_a - mean_b) > max(std_a, std_b)",
     "07_results_ex2": "return statistics.median(times) / statistics.median(reference_times)",
+    "05_shortft_ex1": "return [(a, b) for a, b in zip(anchor_ts, list(anchor_ts[1:]) + [-1])]",
+    "05_shortft_ex2": "ts = [int(t) for t in ts]\n"
+                      "    nxt = dict(zip(ts, ts[1:] + [-1]))\n"
+                      "    def step(net, x, t, s):\n"
+                      "        c = step_coefficients(schedule, t, s, 0.0)\n"
+                      "        return c.a * x + c.b * net(x, torch.full((x.shape[0],), t))\n"
+                      "    x = x_T\n"
+                      "    for t in [t for t in ts if t > anchor_ts[0]]:\n"
+                      "        with torch.no_grad():\n"
+                      "            x = step(model, x, t, nxt[t])\n"
+                      "    for i, a in enumerate(anchor_ts):\n"
+                      "        x = step(model, x, a, nxt[a])\n"
+                      "        target = anchor_ts[i + 1] if i + 1 < len(anchor_ts) else -1\n"
+                      "        if nxt[a] != target:\n"
+                      "            x = step(shortcut, x.detach(), nxt[a], target)\n"
+                      "    return x",
+    "05_shortft_ex3": "i = max([j for j, a in enumerate(anchor_ts) if a >= t], default=0)\n"
+                      "    return [f'seg{j}' for j in range(i, len(anchor_ts) if stacked else i + 1)]",
+    "06_stable_diffusion_ex1": "return eps_c + w * (eps_c - eps_u)",
+    "06_stable_diffusion_ex2": "return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)",
+    "06_stable_diffusion_ex3": "tb = torch.full((z_t.shape[0],), t)\n"
+                               "    eps_u = pipe.unet(z_t, tb, encoder_hidden_states=cond[:, 0]).sample\n"
+                               "    eps_c = pipe.unet(z_t, tb, encoder_hidden_states=cond[:, 1]).sample\n"
+                               "    c = step_coefficients(schedule, t, s, 0.0)\n"
+                               "    return reward(pipe.vae.decode(c.a * z_t + c.b * (eps_u + w * (eps_c - eps_u))).sample, None)",
 }
 
 
-OWNED = ["00_toy_diffusion", "01_sft_pg", "02_reward_gradients", "03_rlr", "04_sdo", "07_results"]
+OWNED = ["00_toy_diffusion", "01_sft_pg", "02_reward_gradients", "03_rlr", "04_sdo", "05_shortft", "06_stable_diffusion",
+         "07_results"]
 
 # answers that delegate to the library's reference: each passes when the test cells run again with the guard off,
 # and must fail with it on. 07_results_ex2 has none to delegate to (bench.run computes the median of its per-round
@@ -282,6 +308,21 @@ DELEGATE = {
     "07_results_ex1": "rows = [{'method': 'a', 'final': mean_a, 'final_std': std_a}, {'method': 'b', 'final': mean_b, 'final_std': std_b}]\n"
                       "    return arena.distinguishable(rows)[0][2]",
     "07_results_ex2": None,
+    "05_shortft_ex1": "from minialign.methods import shortft\n"
+                      "    return shortft.jumps(shortft.layout(ts, anchor_ts, 1000))",
+    "05_shortft_ex2": "return shortft.short_chain(model, shortcut, schedule, shortft.layout(ts, anchor_ts, 1000), x_T)",
+    "05_shortft_ex3": "from minialign.methods import shortft_tlora\n"
+                      "    ts = sorted({int(t), *anchor_ts}, reverse=True)\n"
+                      "    return shortft_tlora.routes_snapped(ts, anchor_ts, 'stacked' if stacked else 'separate')[int(t)]",
+    "06_stable_diffusion_ex1": "import types\n"
+                               "    unet = lambda x, t, encoder_hidden_states, return_dict: (torch.cat([eps_u, eps_c]) "
+                               "if x.shape[0] == 2 * eps_u.shape[0] else eps_c,)\n"
+                               "    fake = types.SimpleNamespace(unet=unet)\n"
+                               "    return SDDenoiser(fake, w)(eps_u, torch.zeros(len(eps_u)), torch.zeros(len(eps_u), 2, 1, 1))",
+    "06_stable_diffusion_ex2": "import types\n"
+                               "    return ((decode(types.SimpleNamespace(vae=vae), z) + 1) / 2).clamp(0, 1)",
+    "06_stable_diffusion_ex3": "z_s, _ = sample(SDDenoiser(pipe, w), schedule, z_t, [t], 0.0, plan_full(1), cond=cond, final_timestep=s)\n"
+                               "    return latent_reward(pipe, reward)(z_s, None)",
 }
 
 
@@ -302,7 +343,9 @@ def test_wrong_answers_fail(notebook):
     log-prob without its normaliser; the DDIM b with DDPM noise in the loop. 01: the advantage left in the graph; the
     baseline regularisation without its stop-gradients. 02: AlignProp's plan; the sample std; the graph in k + 1 steps.
     03: the HO term on the stored x_L; h* with B_z T; ZO counting the sub-chain twice. 04: the path cut; the product
-    with a_k; full backprop. 07: |difference| > max std; the ratio of medians."""
+    with a_k; full backprop. 05: jumps from the anchors; the jump's input detached; stacking on the later adapters.
+    06: guidance from the conditional side; decoding without the scaling factor (twice). 07: |difference| > max std;
+    the ratio of medians."""
     nb = with_answers(course.read(repro.NOTEBOOKS / f"{notebook}.ipynb"), WRONG)
     results = course.grade(course.run(nb, repro.NOTEBOOKS))
     assert sorted(r["name"] for r in results) == sorted(k for k in WRONG if k.startswith(notebook))
