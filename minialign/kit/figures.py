@@ -106,7 +106,7 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
                 fontweight="bold" if name == highlight else "normal")
         if table[name] is None:
             ax.text(n_steps / 2, y + 0.5, "no picture (the method declares no plan row)", ha="center", va="center",
-                    fontsize=9, color="#888888")
+                    fontsize=10, color="#888888")
             continue
         kinds, drawn, note = table[name]
         for i, kind in enumerate(kinds):
@@ -119,10 +119,10 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
         if drawn is not None:
             ax.plot(drawn + 0.46, y + 0.5, "o", color="white", ms=5, mec="black")
         if note:
-            ax.text(n_steps + 0.2, y + 0.5, note, ha="left", va="center", fontsize=9, color="#444444")
+            ax.text(n_steps + 0.2, y + 0.5, note, ha="left", va="center", fontsize=10, color="#444444")
     ax.set_xlim(-0.1, n_steps + 0.1)
     ax.set_ylim(0, len(methods))
-    ax.set_xticks([i + 0.46 for i in range(n_steps)], [f"{i + 1}" for i in range(n_steps)], fontsize=9)
+    ax.set_xticks([i + 0.46 for i in range(n_steps)], [f"{i + 1}" for i in range(n_steps)], fontsize=10)
     ax.set_yticks([])
     ax.set_xlabel(f"sampling step (x_T on the left, x_0 on the right; {n_steps} steps)", fontsize=10)
     for side in ("top", "right", "left"):
@@ -131,7 +131,7 @@ def plan_figure(methods: Optional[Sequence[str]] = None, n_steps: int = 10, ax=N
     handles.append(Patch(facecolor="none", edgecolor=KINDS["likelihood"][0], lw=3, label="graph + likelihood ratio (end of RLR's HO sub-chain)"))
     handles.append(plt.Line2D([], [], marker="o", color="white", mec="black", ls="", label="one random draw shown"))
     below = offset_copy(ax.transAxes, ax.figure, y=-40, units="points")  # under the x label, whatever the height
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=3, fontsize=9,
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=3, fontsize=10,
               frameon=False)
     ax.set_title(TITLE if title is None else title, fontsize=11)
     return ax
