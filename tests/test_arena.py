@@ -275,3 +275,29 @@ def test_the_arena_records_gold_and_feature_mmd_at_every_budget():
     x, y = data.load_digits_tensors("all")
     real, q8 = (task.quality()(x[y == d], None) for d in (3, 8))
     assert real["gold"] > 0.95 and abs(real["feature_mmd"]) < 0.05 and q8["feature_mmd"] > 0.5
+
+
+def test_equal_memory_runs_each_method_with_the_largest_setting_that_fits():
+    """Under a live-activation budget between checkpointed and plain full backprop: full backprop checkpoints, DRaFT-K
+    takes the largest K that fits (K + 1 would not), RLR's h is h* lowered until it fits, a method over the budget drops
+    out; the fitted ones train at equal FLOPs and get a reward and a verdict against the best."""
+    from minialign.measure import equal_memory as em
+
+    from minialign.rewards import component_log_density
+
+    # the bias task's model, small: on the gmm MLP itself RLR's inner-backward buffer <G, theta> (parameter-sized)
+    # outweighs full backprop's activations (735 vs 317 kB at 6 steps, batch 8)
+    task = tasks.BiasTask("tinybias", "tiny", "gmm", lambda: component_log_density(0), (2,), n_steps=6, batch=8,
+                          eval_batch=64, lr=1e-2, chain=dict(eta=1.0), eval_eta=1.0)
+    budget = 0.5 * em.live_bytes(methods.EXACT, task, {})
+    res = em.equal_memory([methods.EXACT, "draft_k=k", "rlr=h", "draft_k"], task, budget_bytes=budget, flops=5e6,
+                          seeds=[0, 1], progress=False)
+    rows = {r["asked"]: r for r in res["table"]}
+    assert rows[methods.EXACT]["method"] == methods.EXACT_CHECKPOINTED and rows[methods.EXACT]["fitted"]
+    k = rows["draft_k=k"]["setting"]["k"]
+    assert 1 <= k < 6 and rows["draft_k=k"]["live_bytes"] <= budget < em.live_bytes("draft_k", task, {"k": k + 1})
+    r = rows["rlr=h"]
+    assert r["fitted"] and 1 <= r["setting"]["h"] <= r["h_star"] and r["live_bytes"] <= budget
+    assert not rows["draft_k"]["fitted"] and "reward" not in rows["draft_k"]  # its registry K = 5: too big
+    assert all("reward" in row for row in res["table"] if row["fitted"]) and res["best"] in res["arena"]["budgets"]
+    assert "dropped out" in em.format_table(res)
