@@ -37,6 +37,9 @@ def test_notebook_follows_the_convention(name):
     assert not injected, "commit notebooks without papermill's injected-parameters cell (repro --inplace drops it)"
     paths = {k: v for k, v in nb["metadata"].get("papermill", {}).items() if k in ("input_path", "output_path")}
     assert not paths, f"committed notebook {name} holds machine paths {paths} (repro --inplace drops them)"
+    meta = json.dumps(nb["metadata"])
+    leaks = [w for w in ('"/tmp/', '"/work/', '"/root/', '"/home/', '"/Users/') if w in meta]
+    assert not leaks, f"committed notebook {name}'s metadata holds a machine path ({leaks}): repro's commit_copy drops them"
     src = "".join(params[0]["source"])
     for knob in ("profile", "device", "seed", "metrics_out"):
         assert f"{knob} =" in src, f"the parameters cell must set {knob}"

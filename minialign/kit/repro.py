@@ -105,11 +105,14 @@ def check_tolerances(name: str, profile: str, metrics: dict) -> list[str]:
 def commit_copy(executed: Path, dest: Path) -> None:
     """Copy an executed notebook for committing, without papermill's `injected-parameters` cell (which would
     re-set the knobs right after the `parameters` cell, so a reader editing `profile` would see no effect) and
-    without the machine paths papermill records (metadata.papermill input_path / output_path)."""
+    without the machine paths papermill records (metadata.papermill input_path / output_path, and the
+    metrics_out parameter repro passed)."""
     nb = json.loads(Path(executed).read_text())
     nb["cells"] = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    pm = nb.get("metadata", {}).get("papermill", {})
     for key in ("input_path", "output_path"):
-        nb.get("metadata", {}).get("papermill", {}).pop(key, None)
+        pm.pop(key, None)
+    pm.get("parameters", {}).pop("metrics_out", None)  # where this run wrote its metrics: a path of this machine
     Path(dest).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
