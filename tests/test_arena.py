@@ -301,3 +301,37 @@ def test_equal_memory_runs_each_method_with_the_largest_setting_that_fits():
     assert not rows["draft_k"]["fitted"] and "reward" not in rows["draft_k"]  # its registry K = 5: too big
     assert all("reward" in row for row in res["table"] if row["fitted"]) and res["best"] in res["arena"]["budgets"]
     assert "dropped out" in em.format_table(res)
+
+
+def test_the_kl_regulariser_is_the_gaussian_kl_of_the_two_steps_and_pulls_towards_the_pretrained_model():
+    """step_kl against torch.distributions' KL of N(mu_theta, sigma^2 I) and N(mu_ref, sigma^2 I), the means taken
+    from the sampler's own DDPM step (zero noise); 0 at the pretrained model; in the arena a large coefficient keeps
+    the tuned samples closer to the pretrained ones (drift) than none, at equal FLOPs."""
+    from torch.distributions import Normal, kl_divergence
+
+    from minialign.measure.kl import step_kl
+    from minialign.sampling import sample
+    from minialign.schedule import step_coefficients
+    from minialign.toy import store
+
+    ref, sch, _ = store.load("gmm")
+    tuned = __import__("copy").deepcopy(ref)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    t, s = 600, 550
+    mu = [sample(m, sch, x, [t], 1.0, final_timestep=s, noises=[torch.zeros_like(x)])[0] for m in (tuned, ref)]
+    sigma = step_coefficients(sch, t, s, 1.0).sigma
+    oracle = kl_divergence(Normal(mu[0], sigma), Normal(mu[1], sigma)).sum(1)
+    assert torch.allclose(step_kl(tuned, ref, sch, x, t, s), oracle, rtol=1e-4, atol=1e-7) and oracle.min() > 0
+    assert step_kl(ref, ref, sch, x, t, s).abs().max() == 0
+    task = _tiny_task()
+    free, held = (arena.run(["full_bp"], task, flops=3e8, seeds=[0], evals=1, progress=False, kl_coef=c)
+                  for c in (0.0, 100.0))
+    assert held["kl_coef"] == 100.0 and held["runs"][0]["curve"]["drift"][-1] < free["runs"][0]["curve"]["drift"][-1]
+    import matplotlib
+    matplotlib.use("Agg")
+    assert len(arena.plot_kl({"coefs": [0.0, 100.0], "results": [free, held]})[0].lines) == 1
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        arena.run(["full_bp"], task, flops=3e8, kl_coef=-1.0)

@@ -20,7 +20,8 @@ Protocol.
 - Settings, recorded per method (result["settings"]): the learning rate (task.lr or `lr`, or picked from `lr_grid` on
   `tuning_seed`, which must not be a reported seed: each value trains once to the top budget and the best mean
   reward over the budget grid wins; what the tuning cost is in result["tuning"]) and gradient clipping (`grad_clip`:
-  a max norm, None = none, or {method: either}; default 1.0).
+  a max norm, None = none, or {method: either}; default 1.0). kl_coef > 0 adds kl_coef x the KL of the tuned to the
+  pretrained steps on the evaluation chain's states to every method's loss (measure/kl.py; its FLOPs are counted).
 - Statistics (measure/stats.py): at each budget the ranking by mean reward, and for each pair of methods the Welch 95%
   interval of the difference over seeds; "a beats b" only when it excludes 0. result["pairs"] gives the budget ranges
   over which each is ahead. A seed is diverged when its training stopped on a non-finite loss or reward, or any
@@ -43,8 +44,9 @@ from minialign import methods as registry
 from minialign.measure import replay
 from minialign.measure.bench import interleaved_times
 from minialign.measure.arena_report import (analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
-                                            summarise, time_to)
+                                            plot_kl, summarise, time_to)
 from minialign.measure.flops import Ledger, log_grid
+from minialign.measure.kl import KLRegularised
 from minialign.measure.tasks import get as get_task
 from minialign.metrics import sliced_wasserstein
 from minialign.sampling import sample
@@ -131,6 +133,9 @@ def _train(task, name, base, schedule, reward, ctx, *, seed, lr, clip, axis, bud
     """One (method, seed) run: train to the top budget, evaluated at every budget (measure/flops.Ledger)."""
     model = copy.deepcopy(base).requires_grad_(True)
     loss_fn, cfg = _setup(task, name, model, schedule, reward, ctx["overrides"], ctx["batch"])
+    if ctx["kl_coef"]:  # loss + coef * KL to the pretrained steps on the evaluation chain's states (measure/kl.py)
+        loss_fn = KLRegularised(loss_fn, base, schedule, ctx["ts"], ctx["kl_coef"], shape=task.shape, batch=cfg.batch,
+                                cond=task.eval_cond(256), final_timestep=task.eval_chain()["final_timestep"])
     ledger = Ledger(model, axis, budgets, lambda: ctx["evaluate"](model), clock=_clock(ctx["device"]),
                     cost_class=registry.get(name).cost_class)
     try:
@@ -149,12 +154,15 @@ def _train(task, name, base, schedule, reward, ctx, *, seed, lr, clip, axis, bud
 
 def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None, seeds=(0,), evals: int = 6,
         span: float = 32.0, overrides=None, batch=None, lr=None, lr_grid=None, tuning_seed=None, grad_clip=1.0,
-        drift_limit=None, max_steps: int = 10**6, device="cpu", progress: bool = True, keep_models: bool = False) -> dict:
+        drift_limit=None, max_steps: int = 10**6, device="cpu", progress: bool = True, keep_models: bool = False,
+        kl_coef: float = 0.0) -> dict:
     """Train every method on `task` under one budget, for each seed; see the module docstring for the protocol.
     keep_models: also return the tuned models in result["models"][(method, seed)] (not saved to JSON)."""
     task, method_names, seeds = get_task(task), list(method_names), list(seeds)
     budget = dict(flops=flops, calls=calls, steps=steps, seconds=seconds)
     reward = _check(method_names, task, budget, seeds)
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0 (0: no KL regulariser), got {kl_coef}")
     if lr is not None and not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if lr_grid is not None and (not lr_grid or tuning_seed is None or tuning_seed in seeds
@@ -202,7 +210,7 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
 
     at_start = evaluate(base)
     ctx = dict(overrides=overrides, batch=batch, device=device, max_steps=max_steps, evaluate=evaluate,
-               pretrained=at_start["reward"], at_start=at_start)
+               pretrained=at_start["reward"], at_start=at_start, kl_coef=kl_coef, ts=ts)
     lrs, tuning = {n: lr or task.lr for n in method_names}, {}
     for name in method_names if lr_grid else []:
         scores, spent = {}, {"flops": 0, "calls": 0, "step": 0}
@@ -229,6 +237,7 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
               "ranks": task.ranks, "budget": {k: v for k, v in budget.items() if k != "steps"}, "axis": axis,
               "budgets": grids, "eval_chain": ec, "lr": lr or task.lr, "seeds": seeds, "pretrained": ctx["pretrained"],
               "drift_limit": drift_limit if drift_limit is not None else task.drift_limit, "at_start": ctx["at_start"],
+              "kl_coef": kl_coef,
               "settings": {n: {"lr": lrs[n], "grad_clip": clips.get(n)} for n in method_names}, "tuning": tuning,
               "steps": {n: max(r["steps"] for r in runs if r["method"] == n) for n in method_names},
               "probe": {n: {"seconds_per_step": s} for n, s in probed.items()}, "runs": runs}

@@ -6,6 +6,7 @@
     format_table(result)   the table and, per pair of methods, the budget ranges where each is ahead
     plot(result)           reward vs compute (log axis for FLOPs and calls); Pareto panels: reward vs drift, and
                            reward vs gold where the task scores it
+    plot_kl(sweep)         the KL regulariser's Pareto points: final reward vs drift and vs gold per coefficient
     fingerprint(result)    sha256 of the result without its wall-time entries
     time_to, distinguishable (legacy helpers the notebooks use)
 
@@ -136,6 +137,29 @@ def plot(result: dict, axes=None):
         axes[2].set(xlabel="gold: p(target) by the independent classifier", ylabel="reward",
                     title="reward vs gold (a line: the budget grid)")
     axes[0].legend(fontsize=10, loc="best")
+    return axes
+
+
+def plot_kl(sweep: dict, axes=None):
+    """measure/kl.sweep's runs as Pareto points: each method's final reward (mean over seeds) against its drift and,
+    where the task scores it, its gold score, one point per KL coefficient, joined in coefficient order."""
+    import matplotlib.pyplot as plt
+
+    from minialign.kit.style import color
+
+    keys = ["drift"] + (["gold"] if "gold" in sweep["results"][0]["rows"][0] else [])
+    if axes is None:
+        _, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), dpi=100, squeeze=False)
+        axes = axes[0]
+    for name in dict.fromkeys(r["method"] for r in sweep["results"][0]["rows"]):
+        pts = [(c, next(r for r in res["rows"] if r["method"] == name)) for c, res in zip(sweep["coefs"], sweep["results"])]
+        for ax, k in zip(axes, keys):
+            ax.plot([r[k] for _, r in pts], [r["final"] for _, r in pts], "o-", color=color(name), label=pts[0][1]["label"])
+            for c, r in pts:
+                ax.annotate(f"{c:g}", (r[k], r["final"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    for ax, k in zip(axes, keys):
+        ax.set(xlabel=k, ylabel="final reward", title=f"KL to the pretrained model: reward vs {k} (labels: coefficient)")
+    axes[0].legend(fontsize=9)
     return axes
 
 
