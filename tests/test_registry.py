@@ -127,5 +127,5 @@ def test_results_gather_the_dummy(dummy):
 
     t = results.gather({"02_reward_gradients": {f"arena_digit3_tempered_{NAME}_final": 0.7,
                                                 f"arena_digit3_tempered_{NAME}_std": 0.1},
-                        "05_shortft": {f"bench_time_vs_full_bp_{NAME}": 0.5}})
+                        results.BENCH: {f"time_vs_full_bp_{NAME}": 0.5}})
     assert t["reward_digit3_tempered"][NAME].value == 0.7 and t["time_vs_full_bp"][NAME].value == 0.5

@@ -8,8 +8,8 @@ GOOD = {
     "01_sft_pg": {"swd_after_over_many_step": 0.9, "swd_after_over_floor": 1.1},
     "03_rlr": {"arena_rlr_final": 0.6, "arena_draft_1_final": 0.5, "arena_alignprop_final": 0.4, "arena_ddpo_final": 0.1,
                "ablation_full": -0.1, "ablation_without_ho": -0.2, "ablation_without_zo": -0.3, "ablation_fo_only": -0.4},
-    "04_sdo": {"time_ratio_vs_full_bp": 0.1, "memory_ratio_vs_full_bp": 0.03, "param_reward_sdo": 0.5,
-               "param_reward_full_bp": 0.5, "param_reward_full_bp_std": 0.01},
+    "04_sdo": {"param_reward_sdo": 0.5, "param_reward_full_bp": 0.5, "param_reward_full_bp_std": 0.01},
+    "bench": {"flops_vs_full_bp_sdo": 0.1, "time_vs_full_bp_sdo": 0.2, "saved_vs_full_bp_sdo": 0.03},
     "05_shortft": {f"reward_gain_equal_compute_{t}_{m}": v for t in ("digit3_tempered", "symmetry", "ring_centre")
                    for m, v in (("shortft", 0.3), ("draft_lv", 0.1))},
 }
@@ -26,7 +26,7 @@ def test_claims_reproduced_when_every_rule_holds():
 
 def test_claims_partly_and_not():
     m = json.loads(json.dumps(GOOD))
-    m["04_sdo"]["time_ratio_vs_full_bp"] = 0.35                       # cheaper, but not 90% cheaper: partly
+    m["bench"]["flops_vs_full_bp_sdo"] = 0.35                         # cheaper, but not 90% cheaper: partly
     m["03_rlr"].update(arena_rlr_final=0.05, ablation_full=-0.5)      # below every baseline, worst ablation: not
     m["05_shortft"]["reward_gain_equal_compute_symmetry_shortft"] = 0.1  # a tie is not a win: partly
     v = _verdicts(m)
@@ -52,12 +52,16 @@ def test_gather_reads_the_first_source_and_converts_bytes(tmp_path):
     (tmp_path / "02_reward_gradients.json").write_text(json.dumps(
         {"full_bp_saved_bytes_per_step": 2**21, "arena_digit3_tempered_refl_final": 0.7,
          "arena_digit3_tempered_refl_std": 0.01}))
-    (tmp_path / "04_sdo.json").write_text(json.dumps({"time_ratio_vs_full_bp": 0.3}))
-    t = results.gather(results.load_metrics(tmp_path))
+    (tmp_path / "04_sdo.json").write_text(json.dumps({"param_reward_sdo": 0.3}))
+    bench = tmp_path / "measured" / "bench.json"
+    bench.parent.mkdir()
+    bench.write_text(json.dumps({"rows": [{"method": "sdo", "time_vs_full_bp": 0.3, "flops_vs_full_bp": 0.2}]}))
+    t = results.gather({**results.load_metrics(tmp_path, bench=False), results.BENCH: results.load_bench(bench)})
     assert t["saved_mb_per_step"]["full_bp"].value == 2.0
     assert t["reward_digit3_tempered"]["refl"] == (0.7, 0.01, "02_reward_gradients: arena_digit3_tempered_refl_final")
-    assert t["time_vs_full_bp"]["sdo"].source == "04_sdo: time_ratio_vs_full_bp"
-    assert set(results.load_metrics(tmp_path)) == {"02_reward_gradients", "04_sdo"}
+    assert t["time_vs_full_bp"]["sdo"].source == "bench: time_vs_full_bp_sdo"  # one cost source: the bench run
+    assert t["flops_vs_full_bp"]["sdo"].value == 0.2
+    assert set(results.load_metrics(tmp_path, bench=False)) == {"02_reward_gradients", "04_sdo"}
 
 
 def _rule_verdicts(m):
@@ -86,7 +90,7 @@ def _rule_verdicts(m):
         "SFT-PG": judge([at_most("01_sft_pg", "swd_after_over_many_step", 1.1),
                          at_most("01_sft_pg", "swd_after_over_floor", 1.2)]),
         "RLR": judge(arena + [None if None in abl else abl[0] >= max(abl[1:])]),
-        "SDO": judge([at_most("04_sdo", "time_ratio_vs_full_bp", 0.15), at_most("04_sdo", "memory_ratio_vs_full_bp", 0.15),
+        "SDO": judge([at_most("bench", "flops_vs_full_bp_sdo", 0.15), at_most("bench", "saved_vs_full_bp_sdo", 0.15),
                       None if None in (rs, rf) else rs >= rf - sdo.get("param_reward_full_bp_std", 0.0)]),
         "ShortFT": judge([sh[f"{pre}{t}_shortft"] > sh[f"{pre}{t}_draft_lv"] + 1e-3
                           for t in sorted(tasks) if f"{pre}{t}_draft_lv" in sh]),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from minialign.kit.repro import NOTEBOOKS
-from minialign.kit.results import claims, gather, load_metrics
+from minialign.kit.results import BENCH_FILE, claims, gather, load_metrics
 
 README = NOTEBOOKS.parent / "README.md"
 MEASURED = NOTEBOOKS.parent / "data" / "measured"  # one-off runs of the measuring commands, each with its command
@@ -128,11 +128,7 @@ def _rlr_arena(M: dict) -> str:
 
 def _sdo(M: dict) -> str:
     m = M.get("04_sdo", {})
-    rows = [["SDO step / no-grad chain (time)", _num(m.get("time_ratio_vs_sampling"), ".2f")],
-            ["SDO step / full backprop (time)", _num(m.get("time_ratio_vs_full_bp"), ".2f")],
-            ["SDO step / checkpointed full backprop (time)", _num(m.get("time_ratio_vs_full_bp_ckpt"), ".2f")],
-            ["SDO saved activations / full backprop", _num(m.get("memory_ratio_vs_full_bp"))],
-            ["gradient cosine to exact, parameters (first / last / random step retained)",
+    rows = [["gradient cosine to exact, parameters (first / last / random step retained)",
              " / ".join(_num(m.get(f"cos_param_{k}"), ".2f") for k in ("first", "last", "random"))],
             ["gradient cosine to exact, latent", _num(m.get("cos_latent_first"), ".2f")],
             ["latent optimisation: start / SDO / full backprop (same CPU time)",
@@ -214,6 +210,43 @@ def _rlr_cost(M: dict) -> str:
     return _table(["variant", "GFLOP / step", "/ full BP", "live MB", "/ full BP", "time / full BP"], rows) + f"\n`{d['command']}`\n"
 
 
+def _cost(M: dict) -> str:
+    """The one committed bench run (every cost figure in this README and in notebook 07 comes from it)."""
+    if not BENCH_FILE.exists():
+        return "(not measured)\n"
+    d = json.loads(BENCH_FILE.read_text())
+    c = d["config"]
+
+    def rng(r, k):
+        a, b = r[f"{k}_range"]
+        return f"{r[k]:.2f} ({a:.2f}-{b:.2f})"
+    rows = [[_label(r["method"]) if r["method"] != "nograd" else "no-grad chain", f"{r['flops'] / 1e9:.1f}",
+             f"{r['flops_vs_full_bp']:.2f}", rng(r, "time_vs_full_bp"), rng(r, "time_vs_nograd"),
+             f"{r['saved_vs_full_bp']:.3f}", f"{r['peak_saved_vs_full_bp']:.3f}",
+             "—" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"] for r in d["rows"]]
+    return (_table(["method", "GFLOP / step", "/ full BP", "time / full BP (min-max)", "time / no-grad chain",
+                    "saved activations / full BP", "live at once / full BP", "peak MB"], rows)
+            + f"\n{c['model_name']}, {c['n_steps']} steps, batch {c['batch']}, {c['rounds']} interleaved rounds, "
+              f"{c['clock']} clock, torch {c['torch']}: `{d.get('command', '')}`\n")
+
+
+def _sd15(M: dict) -> str:
+    """One gradient step of every reward method on SD 1.5's full-width architecture on the CPU (sd/sd15.py)."""
+    d = _measured("sd15_cpu")
+    if not d:
+        return "(not measured)\n"
+    c = d["config"]
+    rows = [[r["label"], "yes" if r["loss_finite"] else "NO", r["lora_b_moved"], "yes" if r["base_unchanged"] else "NO",
+             f"{r['gflops']:.0f}", f"{r['cpu_seconds']:.1f}", f"{r['seconds']:.1f}", f"{r['peak_rss_mb'] / 1024:.1f}"]
+            for r in d["rows"]]
+    params = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in c["parameters"].items())
+    return (_table(["method", "loss finite", "LoRA B moved", "base weights kept", "GFLOP", "CPU s", "wall s",
+                    "peak RSS GB"], rows)
+            + f"\n{params}; {c['latent']}x{c['latent']} latents ({c['image']}x{c['image']} images), {c['n_steps']} steps, "
+              f"batch {c['batch']}, CFG {c['guidance_scale']}, {c['threads']} thread(s), torch {c['torch']}; step times "
+              f"include FLOP counting: `{d.get('command', '')}`\n")
+
+
 def _claims(M: dict) -> str:
     return _table(["paper", "claim", "rule", "measured", "verdict"],
                   [[r["paper"], r["claim"], r["rule"], r["measured"] or "—", f"**{r['verdict']}**"] for r in claims(M)])
@@ -223,7 +256,7 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
     "toy": _toy, "sft-pg": _sft_pg, "baselines": _baselines, "arena": _arena("02_reward_gradients"),
     "rlr": _rlr, "rlr-arena": _rlr_arena, "sdo": _sdo, "shortft-ablation": _shortft,
     "shortft-equal": _shortft_equal, "sd": _sd, "claims": _claims, "map": _map,
-    "arena-bias": _arena_curves, "rlr-cost": _rlr_cost,
+    "arena-bias": _arena_curves, "rlr-cost": _rlr_cost, "cost": _cost, "sd15": _sd15,
 }
 
 
