@@ -119,8 +119,11 @@ def equal_memory(method_specs, task, *, budget_bytes: float, flops: float, seeds
         v = finals.get(row["method"]) if row["fitted"] else None
         if v:
             m = sum(v) / len(v)
-            row.update(reward=m, reward_std=(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5, seeds=len(v),
-                       vs_best=None if row["method"] == best else stats.compare(v, finals[best])["verdict"])
+            row.update(reward=m, reward_std=(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5, seeds=len(v))
+            if row["method"] != best:  # this method minus the best: Welch 95% interval, "behind" when it excludes 0
+                c = stats.compare(v, finals[best])
+                row["vs_best"] = {"verdict": {"a": "ahead", "b": "behind"}.get(c["verdict"], c["verdict"]),
+                                  **{k: c[k] for k in ("diff", "lo", "hi", "few_seeds")}}
     return {"task": task.name, "budget_bytes": budget_bytes, "flops": flops, "seeds": list(seeds), "best": best,
             "table": rows, "arena": {k: v for k, v in result.items() if k != "models"}}
 
@@ -132,8 +135,11 @@ def format_table(result: dict) -> str:
     for r in result["table"]:
         s = ", ".join(f"{k}={v}" for k, v in r["setting"].items()) or "-"
         rew = f"{r['reward']:.3f} ± {r['reward_std']:.3f}" if "reward" in r else "dropped out"
+        v = r.get("vs_best")
+        verdict = (f"{v['verdict']}: {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" if v
+                   else "best" if "reward" in r else "")
         lines.append(f"{r['method']:<16}{s:<22}{r['live_bytes'] / 2**20:>9.2f}{'yes' if r['fitted'] else 'no':>6}"
-                     f"{rew:>22}  {r.get('vs_best') or ('best' if 'reward' in r else '')}")
+                     f"{rew:>22}  {verdict}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,11 @@ of that class are charged the cached (flops, calls). The class is known only aft
 runs uncounted first; when its class is new, the loss_fn's inputs are put back (the torch, numpy and python RNGs,
 the train() generator and the loss_fn's own state_dict(), which train() checkpoints for the same reason) and it runs
 again under the counter: the same computation, whose loss train() then differentiates (counted too). The first step
-is counted directly. cost_class=None counts every step (for a method whose cost cannot be keyed, or whose state
+is counted directly. Measured (digits UNet, 20 steps, batch 32, 16 steps, 1 thread, CPU seconds per step, every step
+counted -> cost classes): DRaFT-1 0.376 -> 0.160, full backprop 0.998 -> 0.494, DDPO 1.08 -> 0.53 (2 classes), RLR
+1.31 -> 0.62; the same FLOPs to the digit. AlignProp (K ~ U{1..20}: 14 of its first 16 steps open a new class, each
+paying one more uncounted forward) 0.66 -> 0.71: a many-class method gains only once its classes are seen (at most
+20 counted steps per run). cost_class=None counts every step (for a method whose cost cannot be keyed, or whose state
 lives outside its state_dict, as SFT-PG's buffer lives in the model).
 
 The model at budget b is the one after the last step whose cumulative cost (on `axis`) is <= b. A step's cost is

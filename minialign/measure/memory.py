@@ -80,7 +80,7 @@ def peak_saved_bytes(fn, exclude=()) -> int:
             now[0] += live[ptr][1]
             peak[0] = max(peak[0], now[0])
         live[ptr][0] += 1
-        holder = _Saved(t)
+        holder = _Saved(t.detach())  # detached: a saved output holding its own grad_fn would be a C++ cycle (a leak)
         weakref.finalize(holder, release, ptr)
         return holder
 
