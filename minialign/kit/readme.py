@@ -247,6 +247,40 @@ def _sd15(M: dict) -> str:
               f"include FLOP counting: `{d.get('command', '')}`\n")
 
 
+def _equal_memory(M: dict) -> str:
+    """Every method under one live-activation budget, at equal FLOPs (measure/equal_memory.py)."""
+    d = _measured("equal_memory_digit3")
+    if not d:
+        return "(not measured)\n"
+
+    def setting(r):
+        s = ", ".join(f"{k} = {v}" for k, v in r["setting"].items() if k != "checkpoint")
+        s = ("checkpointed" if r["setting"].get("checkpoint") else "") + (("; " if s and r["setting"].get("checkpoint") else "") + s)
+        return s + (f" (h* = {r['h_star']})" if "h_star" in r else "") or "—"
+    rows = []
+    for r in d["table"]:
+        vs = r.get("vs_best")
+        rows.append([_label(r["method"]), setting(r), f"{r['live_bytes'] / 2**20:.1f}", "yes" if r["fitted"] else "no",
+                     f"{r['reward']:.3f} ± {r['reward_std']:.3f}" if r["fitted"] else "—",
+                     "best" if r["method"] == d["best"] else
+                     ("—" if not vs else f"{vs['verdict']}: {vs['diff']:+.3f} [{vs['lo']:+.3f}, {vs['hi']:+.3f}]")])
+    return (_table(["method", "setting that fits", "live MiB", "fits", "reward at the FLOP budget",
+                    "against the best (Welch 95%)"], rows)
+            + f"\n`{d['task']}`, budget {d['budget_bytes'] / 2**20:.1f} MiB of live activations, {d['flops']:.0e} FLOPs, "
+              f"{len(d['seeds'])} seeds: `{d['command']}`\n")
+
+
+def _kl(M: dict) -> str:
+    """The KL-to-pretrained regulariser swept (measure/kl.py): reward, drift and gold per coefficient."""
+    d = _measured("arena_kl_digit3")
+    if not d:
+        return "(not measured)\n"
+    rows = [[_label(r["method"]), f"{res['kl_coef']:g}", f"{r['final']:.3f} ± {r['final_std']:.3f}", f"{r['drift']:.3f}",
+             f"{r['gold']:.3f}"] for res in d["results"] for r in res["rows"]]
+    rows.sort(key=lambda row: (row[0], float(row[1])))
+    return _table(["method", "KL coefficient", "reward", "drift", "gold"], rows) + f"\n`{d['command']}`\n"
+
+
 def _claims(M: dict) -> str:
     return _table(["paper", "claim", "rule", "measured", "verdict"],
                   [[r["paper"], r["claim"], r["rule"], r["measured"] or "—", f"**{r['verdict']}**"] for r in claims(M)])
@@ -257,6 +291,7 @@ BLOCKS: dict[str, Callable[[dict], str]] = {
     "rlr": _rlr, "rlr-arena": _rlr_arena, "sdo": _sdo, "shortft-ablation": _shortft,
     "shortft-equal": _shortft_equal, "sd": _sd, "claims": _claims, "map": _map,
     "arena-bias": _arena_curves, "rlr-cost": _rlr_cost, "cost": _cost, "sd15": _sd15,
+    "equal-memory": _equal_memory, "kl": _kl,
 }
 
 
