@@ -357,3 +357,26 @@ def test_measuring_live_bytes_frees_the_graph():
     assert peak_saved_bytes(lambda: net(x).pow(2).sum(), exclude=list(net.parameters())) > 0
     gc.collect()
     assert seen and seen[0]() is None
+
+
+def test_step_budgets_of_unequal_grids_meet_at_the_end_and_plot_on_two_axes():
+    """A time (or step) budget gives each method its own step grid, and one with few steps gets fewer points (15 steps
+    in 6 evaluations: 5 distinct points): the rule then compares the methods at the end of the equal budget only,
+    and a caller's two axes get no gold panel (notebooks 02 and 05 failed on both)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = arena.run(["full_bp", "draft_1"], _tiny_task(), steps={"full_bp": 15, "draft_1": 24}, seeds=[0, 1], evals=6,
+                    progress=False)
+    assert len(res["budgets"]["full_bp"]) != len(res["budgets"]["draft_1"])
+    assert len(res["ranking"]) == 1 and all(len(p["verdicts"]) == 1 for p in res["pairs"])
+    for r in res["runs"]:  # as a digits task records it: then plot() alone draws a third (gold) panel
+        r["curve"]["gold"] = list(r["curve"]["reward"])
+    for row in res["rows"]:
+        row.update(gold=row["final"], gold_std=0.0)
+    _, axes = plt.subplots(1, 2)
+    arena.plot(res, axes=axes)
+    assert len(arena.plot(res)) == 3
+    plt.close("all")

@@ -39,7 +39,11 @@ def analyse(result: dict) -> dict:
     kept = {n: [r for r in result["runs"] if r["method"] == n and not _diverged(r, result["drift_limit"])] for n in names}
     values = {n: [[r["curve"]["reward"][i + 1] for r in kept[n]] for i in range(len(result["budgets"][n]))] for n in names}
     diverged = {n: [r["seed"] for r in result["runs"] if r["method"] == n and r not in kept[n]] for n in names}
-    return {"diverged": diverged, **stats.curves_verdicts(result["budgets"], values)}
+    budgets = result["budgets"]
+    if len({len(b) for b in budgets.values()}) > 1:  # step grids (seconds/steps budgets) of unequal length: the
+        budgets = {n: b[-1:] for n, b in budgets.items()}  # methods meet at the end of the equal budget only
+        values = {n: v[-1:] for n, v in values.items()}
+    return {"diverged": diverged, **stats.curves_verdicts(budgets, values)}
 
 
 def time_to(curve: dict, level: float, axis: str = "seconds") -> float:
@@ -124,7 +128,7 @@ def plot(result: dict, axes=None):
         axes[0].plot(t, y.mean(0), "o-", ms=3, color=col, label=row["label"])
         if len(rs) > 1:
             axes[0].fill_between(t, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=col, alpha=0.15)
-        for ax, k in zip(axes[1:], ("drift", "gold") if gold else ("drift",)):
+        for ax, k in zip(axes[1:], ("drift", "gold") if gold else ("drift",)):  # a caller's 2 axes: no gold panel
             ax.plot(torch.tensor([c[k] for c in rs]).mean(0), y.mean(0), ".-", ms=4, lw=0.8, color=col, alpha=0.6)
             ax.scatter([c[k][-1] for c in rs], [c["reward"][-1] for c in rs], color=col, s=18, alpha=0.5)
             ax.errorbar(row[k], row["final"], xerr=row[f"{k}_std"], yerr=row["final_std"], fmt="o", color=col, ms=7,
@@ -133,7 +137,7 @@ def plot(result: dict, axes=None):
                 ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute",
                 xscale="linear" if key == "seconds" else "log")
     axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="reward", title="reward vs drift (dots: seeds)")
-    if gold:
+    if gold and len(axes) > 2:
         axes[2].set(xlabel="gold: p(target) by the independent classifier", ylabel="reward",
                     title="reward vs gold (a line: the budget grid)")
     axes[0].legend(fontsize=10, loc="best")
