@@ -145,10 +145,23 @@ def _shortft_equal(M: dict) -> str:
 
 def _sd(M: dict) -> str:
     m = M.get("06_stable_diffusion", {})
-    return _table(["method", "reward before", "after", "gain", "training s"],
+    return _table(["method", "reward before", "after", "gain",
+                   f"digit accuracy after (pretrained {_num(m.get('minisd_digit_accuracy'), '.2f')})",
+                   f"colour accuracy after (pretrained {_num(m.get('minisd_colour_accuracy'), '.2f')})", "training s"],
                   [[_label(n), _num(m.get(f"{n}_reward_before")), _num(m.get(f"{n}_reward_after")),
-                    _num(m.get(f"{n}_reward_gain")), _num(m.get(f"{n}_seconds"), ".0f")]
+                    _num(m.get(f"{n}_reward_gain")), _num(m.get(f"quality_{n}_digit_accuracy"), ".2f"),
+                    _num(m.get(f"quality_{n}_colour_accuracy"), ".2f"), _num(m.get(f"{n}_seconds"), ".0f")]
                    for n in _methods_with(m, "{m}_reward_gain")])
+
+
+def _sd_sft_pg(M: dict) -> str:
+    m, pre = M.get("06_stable_diffusion", {}), "sft_pg_"
+    rows = [(k, lab) for k, lab in (("before", "4-step chain, before SFT-PG"), ("after", "4-step chain, after SFT-PG"),
+                                    ("ddim_25", "DDIM, 25 steps"), ("ddim_50", "DDIM, 50 steps"),
+                                    ("data_floor", "real images (held out)"))]
+    return _table(["sampler", "feature MMD", "sliced W2", "digit accuracy", "colour accuracy"],
+                  [[lab, _pm(m, f"{pre}{k}_mmd"), _pm(m, f"{pre}{k}_swd"), _num(m.get(f"{pre}{k}_digit_accuracy"), ".2f"),
+                    _num(m.get(f"{pre}{k}_colour_accuracy"), ".2f")] for k, lab in rows])
 
 
 MAP = [("time_vs_full_bp", "time / full backprop", ".2f"), ("saved_vs_full_bp", "saved activations / full backprop", ".3f"),
@@ -179,7 +192,7 @@ def _claims(M: dict) -> str:
 BLOCKS: dict[str, Callable[[dict], str]] = {
     "toy": _toy, "sft-pg": _sft_pg, "baselines": _baselines, "arena": _arena("02_reward_gradients"),
     "rlr": _rlr, "rlr-arena": _rlr_arena, "sdo": _sdo, "shortft-ablation": _shortft,
-    "shortft-equal": _shortft_equal, "sd": _sd, "claims": _claims, "map": _map, **MEASURED_BLOCKS,
+    "shortft-equal": _shortft_equal, "sd": _sd, "sd-sft-pg": _sd_sft_pg, "claims": _claims, "map": _map, **MEASURED_BLOCKS,
 }
 
 
