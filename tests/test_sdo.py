@@ -128,17 +128,20 @@ def test_latent_gradient_is_autograd_of_the_skip_formula():
     assert (g_exact - g_sdo).norm() > 1e-4 * g_exact.norm()
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("k", [0, 3, 5])
-def test_parameter_gradient_is_the_retained_step_through_the_skip_path(k):
-    """d x_0 / d theta = c_k d eps(sg[x_k], t_k) / d theta, c_k = (prod_{j>k} a_j) b_k (eta = 0)."""
+def test_parameter_gradient_is_the_retained_step_through_the_skip_path(k, eta):
+    """d x_0 / d theta = c_k d eps(sg[x_k], t_k) / d theta, c_k = (prod_{j>k} a_j) b_k, b_k at the chain's eta (with
+    eta > 0 the injected noises are the loss's own: the same generator stream)."""
     net, sch = _toy()
-    cfg = sdo.SDOConfig(batch=4, n_steps=6, retained=k)
+    cfg = sdo.SDOConfig(batch=4, n_steps=6, retained=k, eta=eta)
     loss, stats, g = _param_grad(sdo.make_loss, cfg, net, sch)
     assert stats["k"] == k
     ts = chain_timesteps(sch, cfg)
-    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    _, traj = sample(net, sch, x_T, ts, 0.0)
-    _, c, _ = sdo.unrolled_coefficients(sch, ts)
+    gen = torch.Generator().manual_seed(3)
+    x_T = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    _, traj = sample(net, sch, x_T, ts, eta, generator=gen)
+    _, c, _ = sdo.unrolled_coefficients(sch, ts, eta)
     eps_k = net(traj.states[k], torch.full((4,), ts[k]), None)
     x0 = traj.states[-1] + c[k] * (eps_k - eps_k.detach())
     hand = -REWARD(x0).mean()
