@@ -31,10 +31,7 @@ class ChainConfig:
                                # pipelines end (set_alpha_to_one=False; sd.final_timestep_of(pipe) gives it)
 
     def __post_init__(self):
-        for name in ("batch", "n_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_fields(self, positive_int=("batch", "n_steps"))
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM; above 1 the step's variance exceeds the "
                              f"posterior's and the mean has no real coefficient), got {self.eta}")
