@@ -230,7 +230,8 @@ def train(
                 (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or stop):
             _checkpoint(out, cfg, model, loss_fn, optimizer, generator, done, history)
         if stop:
-            acc.print(f"stopped at step {done} by the callback")
+            if cfg.progress:
+                acc.print(f"stopped at step {done} by the callback")
             break
     model.eval()
     return history

@@ -112,6 +112,14 @@ def test_diverged_seeds_are_flagged_counted_and_left_out_of_every_mean():
     out = arena.analyse(result)
     assert out["diverged"] == {"full_bp": [2, 3], "ddpo": [0]} and out["curves"]["full_bp"]["mean"] == [2.0]
     assert out["pairs"][0]["verdicts"] == ["insufficient seeds"]
+    # the notebooks' metrics keep each kept seed's value (the Welch rule needs them) and count the diverged apart
+    m = arena.to_metrics({**result, "rows": list(rows.values()), "pretrained": 0.0}, "arena_t")
+    assert (m["arena_t_full_bp_final_s0"], m["arena_t_full_bp_final_s1"]) == (1.0, 3.0)
+    assert "arena_t_full_bp_final_s2" not in m and "arena_t_full_bp_final_s3" not in m
+    assert m["arena_t_full_bp_diverged"] == 2 and m["arena_t_ddpo_diverged"] == 1 and "arena_t_ddpo_final" not in m
+    from minialign.kit.results import seed_values
+    assert seed_values({"nb": m}, "nb", "arena_t_full_bp_final") == [1.0, 3.0]
+    assert seed_values({"nb": {**m, "arena_t_full_bp_final_s10": 5.0}}, "nb", "arena_t_full_bp_final") == [1.0, 3.0, 5.0]
 
 
 def test_arena_refuses_what_cannot_work_before_training():

@@ -55,6 +55,14 @@ def load_metrics(folder=None, bench: bool = True) -> dict:
     return {**out, BENCH: cost} if cost else out
 
 
+def seed_values(metrics: dict, nb: str, key: str) -> list[float]:
+    """The per-seed values a notebook recorded for `key` (f"{key}_s{seed}", measure/arena_report.to_metrics), in seed
+    order; [] when it recorded none."""
+    m, head = metrics.get(nb, {}), f"{key}_s"
+    found = [(int(k[len(head):]), v) for k, v in m.items() if k.startswith(head) and k[len(head):].isdigit()]
+    return [float(v) for _, v in sorted(found)]
+
+
 def _get(metrics, nb, key, std_key=None) -> Optional[Value]:
     m = metrics.get(nb, {})
     if key not in m:

@@ -44,7 +44,7 @@ from minialign import methods as registry
 from minialign.measure import replay
 from minialign.measure.bench import interleaved_times
 from minialign.measure.arena_report import (analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
-                                            plot_kl, summarise, time_to)
+                                            plot_kl, summarise, time_to, to_metrics)
 from minialign.measure.flops import Ledger, log_grid
 from minialign.measure.kl import KLRegularised
 from minialign.measure.tasks import get as get_task

@@ -8,6 +8,8 @@
                            reward vs gold where the task scores it
     plot_kl(sweep)         the KL regulariser's Pareto points: final reward vs drift and vs gold per coefficient
     fingerprint(result)    sha256 of the result without its wall-time entries
+    to_metrics(result, prefix)  the flat headline metrics of a run, per-seed values included (kit/results reads them
+                           back with seed_values and judges claims by measure/stats.compare)
     time_to, distinguishable (legacy helpers the notebooks use)
 
 minialign.measure.arena re-exports all of these.
@@ -80,6 +82,24 @@ def summarise(result: dict) -> list[dict]:
                      **{f"{k}_std": sd(last(k)) for k in QUALITY if rs and k in rs[0]["curve"]},
                      "diverged": sum(r["method"] == name for r in result["runs"]) - len(rs)})
     return rows
+
+
+def to_metrics(result: dict, prefix: str) -> dict:
+    """Flat metrics of an arena run at its top budget, for a notebook's metrics JSON: f"{prefix}_{m}_final" (mean over
+    kept seeds), "_std", "_final_s{seed}" (each kept seed's value: the Welch rule needs them), "_diverged" (seeds left
+    out), "_drift", "_gold" / "_feature_mmd" where the task scores them, "_gflop" (compute spent); and
+    f"{prefix}_pretrained", f"{prefix}_top_budget" (the largest budget, in the run's axis)."""
+    out = {f"{prefix}_pretrained": result["pretrained"],
+           f"{prefix}_top_budget": max(b[-1] for b in result["budgets"].values())}
+    for row in result["rows"]:
+        m = row["method"]
+        kept = [r for r in result["runs"] if r["method"] == m and not _diverged(r, result.get("drift_limit"))]
+        out.update({f"{prefix}_{m}_final": row["final"], f"{prefix}_{m}_std": row["final_std"],
+                    f"{prefix}_{m}_diverged": row["diverged"], f"{prefix}_{m}_drift": row["drift"],
+                    f"{prefix}_{m}_gflop": row["flops"] / 1e9})
+        out.update({f"{prefix}_{m}_final_s{r['seed']}": r["curve"]["reward"][-1] for r in kept})
+        out.update({f"{prefix}_{m}_{k}": row[k] for k in QUALITY if k in row})
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def distinguishable(rows: list[dict]) -> list[tuple[str, str, bool]]:
