@@ -122,7 +122,9 @@ def format_table(result: dict) -> str:
                      f"{r['drift']:>8.3f} ± {r['drift_std']:.2f}{r['steps']:>7}{r['flops'] / 1e9:>9.2f}{r['diverged']:>9}"
                      + (f"   gold {r['gold']:.3f} ± {r['gold_std']:.3f}, feature MMD {r['feature_mmd']:.3f}" if "gold" in r else ""))
     for p in result.get("pairs", []):
-        lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(f"{k} over {v}" for k, v in p["ahead"].items())
+        span = lambda lo, hi: f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}"  # noqa: E731
+        lines.append(f"  {p['a']} vs {p['b']}: " + "; ".join(
+            f"{'ahead: ' + k if k in (p['a'], p['b']) else k} at {', '.join(span(*r) for r in v)}" for k, v in p["ahead"].items())
                      + (" (fewer than 5 seeds: not a headline)" if p.get("few_seeds") else ""))
     return "\n".join(lines)
 
