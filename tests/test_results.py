@@ -2,16 +2,23 @@
 import json
 
 import pytest
+from scipy.stats import ttest_ind
 
 from minialign.kit import results
+def _seeds(key, mean, n=5, spread=0.01):
+    """Per-seed values of one recorded result (the keys measure/arena_report.to_metrics writes), mean +- spread."""
+    return {f"{key}_s{i}": mean + spread * (i - (n - 1) / 2) for i in range(n)}
+
+
 GOOD = {
     "01_sft_pg": {"swd_after_over_many_step": 0.9, "swd_after_over_floor": 1.1},
-    "03_rlr": {"arena_rlr_final": 0.6, "arena_draft_1_final": 0.5, "arena_alignprop_final": 0.4, "arena_ddpo_final": 0.1,
-               "ablation_full": -0.1, "ablation_without_ho": -0.2, "ablation_without_zo": -0.3, "ablation_fo_only": -0.4},
-    "04_sdo": {"param_reward_sdo": 0.5, "param_reward_full_bp": 0.5, "param_reward_full_bp_std": 0.01},
+    "03_rlr": {**_seeds("arena_rlr_final", 0.6), **_seeds("arena_draft_1_final", 0.5), **_seeds("arena_alignprop_final", 0.4),
+               **_seeds("arena_ddpo_final", 0.1), **_seeds("ablation_full", -0.1), **_seeds("ablation_without_ho", -0.2),
+               **_seeds("ablation_without_zo", -0.3), **_seeds("ablation_fo_only", -0.4)},
+    "04_sdo": {**_seeds("arena_digit_plus_one_sdo_final", 0.5), **_seeds("arena_digit_plus_one_full_bp_final", 0.5)},
     "bench": {"flops_vs_full_bp_sdo": 0.1, "time_vs_full_bp_sdo": 0.2, "saved_vs_full_bp_sdo": 0.03},
-    "05_shortft": {f"reward_gain_equal_compute_{t}_{m}": v for t in ("digit3_tempered", "symmetry", "ring_centre")
-                   for m, v in (("shortft", 0.3), ("draft_lv", 0.1))},
+    "05_shortft": {k: v for t in ("digit3_tempered", "digit_plus_one") for m, mean in (("shortft", 0.3), ("draft_lv", 0.1))
+                   for k, v in _seeds(f"arena_{t}_{m}_final", mean).items()},
 }
 
 
@@ -26,13 +33,20 @@ def test_claims_reproduced_when_every_rule_holds():
 
 def test_claims_partly_and_not():
     m = json.loads(json.dumps(GOOD))
-    m["bench"]["flops_vs_full_bp_sdo"] = 0.35                         # cheaper, but not 90% cheaper: partly
-    m["03_rlr"].update(arena_rlr_final=0.05, ablation_full=-0.5)      # below every baseline, worst ablation: not
-    m["05_shortft"]["reward_gain_equal_compute_symmetry_shortft"] = 0.1  # a tie is not a win: partly
+    m["bench"]["flops_vs_full_bp_sdo"] = 0.35                          # cheaper, but not 90% cheaper: partly
+    m["03_rlr"].update(_seeds("arena_rlr_final", 0.05))                # below every baseline ...
+    m["03_rlr"].update(_seeds("ablation_full", -0.5))                  # ... and the worst ablation: not
+    m["05_shortft"].update(_seeds("arena_digit_plus_one_shortft_final", 0.1, spread=0.2))  # a tie is not a win: partly
     v = _verdicts(m)
     assert v["SDO"] == "partly" and v["RLR"] == "not" and v["ShortFT"] == "partly"
     scores = {r["paper"].split()[0]: r["score"] for r in results.claims(m)}
     assert scores["SDO"] == 0.5 and scores["RLR"] == 0.0
+    # means alone would call these wins: a 0.02 lead with a seed spread of 0.3 is no win by the rule
+    m["03_rlr"].update(_seeds("arena_rlr_final", 0.52, spread=0.3))
+    assert "RLR ~ DRaFT-1" in results.claims(m)[1]["measured"]
+    # one seed per method gives no interval: not measured, never a verdict from means
+    one = {"05_shortft": {"arena_symmetry_shortft_final_s0": 0.9, "arena_symmetry_draft_lv_final_s0": 0.1}}
+    assert results.claims(one)[3]["verdict"] == "not measured"
 
 
 def test_missing_metrics_say_not_measured():
@@ -52,7 +66,7 @@ def test_gather_reads_the_first_source_and_converts_bytes(tmp_path):
     (tmp_path / "02_reward_gradients.json").write_text(json.dumps(
         {"full_bp_saved_bytes_per_step": 2**21, "arena_digit3_tempered_refl_final": 0.7,
          "arena_digit3_tempered_refl_std": 0.01}))
-    (tmp_path / "04_sdo.json").write_text(json.dumps({"param_reward_sdo": 0.3}))
+    (tmp_path / "04_sdo.json").write_text(json.dumps({"arena_digit_plus_one_sdo_final": 0.3}))
     bench = tmp_path / "measured" / "bench.json"
     bench.parent.mkdir()
     bench.write_text(json.dumps({"rows": [{"method": "sdo", "time_vs_full_bp": 0.3, "flops_vs_full_bp": 0.2}]}))
@@ -77,23 +91,34 @@ def _rule_verdicts(m):
         v = m.get(nb, {}).get(key)
         return None if v is None else v <= bound
 
-    rlr = m.get("03_rlr", {})
-    arena = [None if "arena_rlr_final" not in rlr or f"arena_{b}_final" not in rlr
-             else rlr["arena_rlr_final"] > rlr[f"arena_{b}_final"] for b in ("draft_1", "alignprop", "ddpo")]
-    abl = [rlr.get(f"ablation_{k}") for k in ("full", "without_ho", "without_zo", "fo_only")]
-    sdo = m.get("04_sdo", {})
-    rs, rf = sdo.get("param_reward_sdo"), sdo.get("param_reward_full_bp")
-    sh = m.get("05_shortft", {})
-    pre = "reward_gain_equal_compute_"
-    tasks = {k[len(pre):].rsplit("_", 1)[0] for k in sh if k.startswith(pre) and k.endswith("_shortft")}
+    def seeds(nb, key):
+        got = {int(k.rsplit("_s", 1)[1]): v for k, v in m.get(nb, {}).items()
+               if k.startswith(key + "_s") and k.rsplit("_s", 1)[1].isdigit()}
+        return [got[i] for i in sorted(got)]
+
+    def welch(nb, a_key, b_key):  # scipy's Welch interval, apart from measure/stats.compare
+        a, b = seeds(nb, a_key), seeds(nb, b_key)
+        if min(len(a), len(b)) < 2:
+            return None
+        ci = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+        return "a" if ci.low > 0 else "b" if ci.high < 0 else "tie"
+
+    def wins(*args):
+        v = welch(*args)
+        return None if v is None else v == "a"
+
+    arena = [wins("03_rlr", "arena_rlr_final", f"arena_{b}_final") for b in ("draft_1", "alignprop", "ddpo")]
+    abl = [wins("03_rlr", "ablation_full", f"ablation_{k}") for k in ("without_ho", "without_zo", "fo_only")]
+    sdo = welch("04_sdo", "arena_digit_plus_one_sdo_final", "arena_digit_plus_one_full_bp_final")
+    tasks = {k.split("_shortft_final_s")[0][len("arena_"):] for k in m.get("05_shortft", {}) if "_shortft_final_s" in k}
     return {
         "SFT-PG": judge([at_most("01_sft_pg", "swd_after_over_many_step", 1.1),
                          at_most("01_sft_pg", "swd_after_over_floor", 1.2)]),
-        "RLR": judge(arena + [None if None in abl else abl[0] >= max(abl[1:])]),
+        "RLR": judge(arena + abl),
         "SDO": judge([at_most("bench", "flops_vs_full_bp_sdo", 0.15), at_most("bench", "saved_vs_full_bp_sdo", 0.15),
-                      None if None in (rs, rf) else rs >= rf - sdo.get("param_reward_full_bp_std", 0.0)]),
-        "ShortFT": judge([sh[f"{pre}{t}_shortft"] > sh[f"{pre}{t}_draft_lv"] + 1e-3
-                          for t in sorted(tasks) if f"{pre}{t}_draft_lv" in sh]),
+                      None if sdo is None else sdo != "b"]),
+        "ShortFT": judge([wins("05_shortft", f"arena_{t}_shortft_final", f"arena_{t}_draft_lv_final")
+                          for t in sorted(tasks) if seeds("05_shortft", f"arena_{t}_draft_lv_final")]),
     }
 
 

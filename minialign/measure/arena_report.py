@@ -88,9 +88,12 @@ def to_metrics(result: dict, prefix: str) -> dict:
     """Flat metrics of an arena run at its top budget, for a notebook's metrics JSON: f"{prefix}_{m}_final" (mean over
     kept seeds), "_std", "_final_s{seed}" (each kept seed's value: the Welch rule needs them), "_diverged" (seeds left
     out), "_drift", "_gold" / "_feature_mmd" where the task scores them, "_gflop" (compute spent); and
-    f"{prefix}_pretrained", f"{prefix}_top_budget" (the largest budget, in the run's axis)."""
+    f"{prefix}_pretrained" (and its gold / feature_mmd), f"{prefix}_top_budget" / "_low_budget" (the budget grid's
+    ends, in the run's axis)."""
     out = {f"{prefix}_pretrained": result["pretrained"],
-           f"{prefix}_top_budget": max(b[-1] for b in result["budgets"].values())}
+           f"{prefix}_top_budget": max(b[-1] for b in result["budgets"].values()),
+           f"{prefix}_low_budget": min(b[0] for b in result["budgets"].values()),
+           **{f"{prefix}_pretrained_{k}": v for k, v in result.get("at_start", {}).items() if k in QUALITY}}
     for row in result["rows"]:
         m = row["method"]
         kept = [r for r in result["runs"] if r["method"] == m and not _diverged(r, result.get("drift_limit"))]
@@ -138,7 +141,7 @@ def plot(result: dict, axes=None):
     gold = any("gold" in r["curve"] for r in result["runs"])
     if axes is None:
         _, axes = plt.subplots(1, 3 if gold else 2, figsize=(16.5 if gold else 11, 3.8), dpi=100)
-    key = "seconds" if result.get("axis", "steps") == "steps" else result["axis"]
+    key = result["axis"] if result.get("axis") in ("flops", "calls") else "flops"  # counted, whatever the budget
     from minialign.kit.style import color
 
     for row in result["rows"]:
@@ -155,9 +158,10 @@ def plot(result: dict, axes=None):
             ax.scatter([c[k][-1] for c in rs], [c["reward"][-1] for c in rs], color=col, s=18, alpha=0.5)
             ax.errorbar(row[k], row["final"], xerr=row[f"{k}_std"], yerr=row["final_std"], fmt="o", color=col, ms=7,
                         capsize=3, label=row["label"])
-    axes[0].set(xlabel={"seconds": "training time (s)", "flops": "training FLOPs", "calls": "network calls"}[key],
-                ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute",
-                xscale="linear" if key == "seconds" else "log")
+    if "pretrained" in result:  # the log axis has no 0: the pretrained model's reward as a line instead
+        axes[0].axhline(result["pretrained"], color="0.4", ls=":", lw=1, label="pretrained")
+    axes[0].set(xlabel={"flops": "training FLOPs (counted, log scale)", "calls": "network calls (log scale)"}[key],
+                ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute", xscale="log")
     axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="reward", title="reward vs drift (dots: seeds)")
     if gold and len(axes) > 2:
         axes[2].set(xlabel="gold: p(target) by the independent classifier", ylabel="reward",
