@@ -25,7 +25,7 @@ def test_a_changed_metric_is_caught(tmp_path):
     shutil.copytree(readme.NOTEBOOKS / "metrics", folder)
     path = folder / "04_sdo.json"
     m = json.loads(path.read_text())
-    m["param_reward_sdo"] = m.get("param_reward_sdo", 0.0) + 0.5
+    m["cos_latent_first"] = m.get("cos_latent_first", 0.0) + 0.5
     path.write_text(json.dumps(m))
     _, changed = readme.render(readme.README.read_text(), load_metrics(folder))
     assert "sdo" in changed

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from minialign.kit.repro import NOTEBOOKS
 from minialign.kit.readme_measured import MEASURED_BLOCKS, _label, _table
-from minialign.kit.results import claims, gather, load_metrics
+from minialign.kit.results import claims, gather, load_metrics, seed_values
 
 README = NOTEBOOKS.parent / "README.md"
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -74,22 +74,56 @@ def _sft_pg(M: dict) -> str:
 
 def _baselines(M: dict) -> str:
     m = M.get("02_reward_gradients", {})
-    return _table(["method", "reward after", "CPU s to p = 0.9", "drift after", "feature MMD to real 3s",
+    return _table(["method", "reward after", "GFLOP to p = 0.9", "drift after", "feature MMD to real 3s",
                    "saved MB / step", "cosine to exact (2-D)"],
-                  [[_label(n), _num(m.get(f"{n}_reward_final")), _num(m.get(f"{n}_seconds_to_0.9"), ".1f"),
+                  [[_label(n), _num(m.get(f"{n}_reward_final")), _num(m.get(f"{n}_gflop_to_0.9"), ".0f"),
                     _num(m.get(f"{n}_drift_final"), ".2f"), _num(m.get(f"{n}_feature_mmd"), ".2f"),
                     _num(None if m.get(f"{n}_saved_bytes_per_step") is None else m[f"{n}_saved_bytes_per_step"] / 2**20, ".0f"),
                     _num(m.get(f"{n}_grad_cosine_to_exact"))] for n in _methods_with(m, "{m}_reward_final")])
 
 
+def arenas(M: dict) -> list[tuple[str, str]]:
+    """(notebook, prefix) of every arena a notebook recorded with measure/arena_report.to_metrics."""
+    return [(nb, k[:-len("_top_budget")]) for nb, m in sorted(M.items()) for k in sorted(m) if k.endswith("_top_budget")]
+
+
+def _seeds(m: dict, key: str) -> int:
+    return len(seed_values({"nb": m}, "nb", key))
+
+
 def _arena(nb: str) -> Callable[[dict], str]:
+    """Every arena notebook nb recorded: its task, budget grid and pretrained reward, then one row per method (final
+    reward mean ± std over the seeds kept, gold, drift, diverged seeds)."""
     def block(M: dict) -> str:
-        m = M.get(nb, {})
-        tasks = sorted(k[len("arena_"):-len("_pretrained")] for k in m if k.startswith("arena_") and k.endswith("_pretrained"))
-        names = _methods_with(m, *(f"arena_{t}_{{m}}_final" for t in tasks))
-        header = ["method"] + [f"`{t}` (pretrained {_num(m.get(f'arena_{t}_pretrained'))})" for t in tasks]
-        return _table(header, [[_label(n)] + [_pm(m, f"arena_{t}_{n}_final", std=f"arena_{t}_{n}_std") for t in tasks] for n in names])
+        m, out = M.get(nb, {}), []
+        for _, pre in arenas({nb: m}):
+            names = _methods_with(m, f"{pre}_{{m}}_final")
+            out.append(f"`{pre}`: training FLOPs {_num(m.get(f'{pre}_low_budget'), '.3g')} to "
+                       f"{_num(m.get(f'{pre}_top_budget'), '.3g')}, pretrained reward {_num(m.get(f'{pre}_pretrained'))}"
+                       f", gold {_num(m.get(f'{pre}_pretrained_gold'), '.2f')}\n")
+            out.append(_table(["method", "reward at the top budget (seeds)", "gold", "drift", "diverged"], [
+                [_label(n), f"{_pm(m, f'{pre}_{n}_final', std=f'{pre}_{n}_std')} ({_seeds(m, f'{pre}_{n}_final')})",
+                 _num(m.get(f"{pre}_{n}_gold"), ".2f"), _num(m.get(f"{pre}_{n}_drift"), ".2f"),
+                 _num(m.get(f"{pre}_{n}_diverged"), ".0f")] for n in names]))
+        return "\n".join(out) if out else "(no FLOP-budget arena recorded)\n"
     return block
+
+
+def _ranking_tasks(M: dict) -> str:
+    """One row per arena: pretrained reward, the best mean reached and by whom, the compute range, the gold measure."""
+    rows = []
+    for nb, pre in arenas(M):
+        m = M[nb]
+        names = _methods_with(m, f"{pre}_{{m}}_final")
+        if not names:
+            continue
+        best = max(names, key=lambda n: m[f"{pre}_{n}_final"])
+        rows.append([f"{nb[:2]}: `{pre}`", _num(m.get(f"{pre}_pretrained")), f"{m[f'{pre}_{best}_final']:.3f} ({_label(best)})",
+                     f"{_num(m.get(f'{pre}_low_budget'), '.2g')} - {_num(m.get(f'{pre}_top_budget'), '.2g')}",
+                     f"{_num(m.get(f'{pre}_pretrained_gold'), '.2f')} -> {_num(m.get(f'{pre}_{best}_gold'), '.2f')}",
+                     str(max(_seeds(m, f"{pre}_{n}_final") for n in names))])
+    return _table(["notebook: arena", "pretrained reward", "best mean reached (method)", "training FLOPs (curve)",
+                   "gold: pretrained -> best method", "seeds"], rows)
 
 
 # RLR's estimator variants that are no registered method (notebook 03's metric suffixes)
@@ -109,12 +143,6 @@ def _rlr(M: dict) -> str:
     return _table(["estimator", "cosine of the mean estimate to exact", "relative variance"], rows)
 
 
-def _rlr_arena(M: dict) -> str:
-    m = M.get("03_rlr", {})
-    return _table(["method", "final reward at equal time (`digit3_tempered`)"],
-                  [[_label(n), _pm(m, f"arena_{n}_final")] for n in _methods_with(m, "arena_{m}_final")])
-
-
 def _sdo(M: dict) -> str:
     m = M.get("04_sdo", {})
     rows = [["gradient cosine to exact, parameters (first / last / random step retained)",
@@ -122,9 +150,6 @@ def _sdo(M: dict) -> str:
             ["gradient cosine to exact, latent", _num(m.get("cos_latent_first"), ".2f")],
             ["latent optimisation: start / SDO / full backprop (same CPU time)",
              f"{_num(m.get('latent_reward_start'))} / {_pm(m, 'latent_reward_sdo')} / {_pm(m, 'latent_reward_full_bp')}"]]
-    names = _methods_with(m, "param_reward_{m}")
-    rows.append([f"parameters, `digit_plus_one` at equal time (pretrained {_num(m.get('param_reward_pretrained'))})",
-                 "; ".join(f"{_label(n)} {_pm(m, f'param_reward_{n}')}" for n in names)])
     return _table(["quantity", "measured"], rows)
 
 
@@ -133,14 +158,6 @@ def _shortft(M: dict) -> str:
     variants = sorted({k[len("ablation_"):-len("_std")] for k in m if k.startswith("ablation_") and k.endswith("_std")})
     rows = [[v.replace("_", " "), _pm(m, f"ablation_{v}"), _num(m.get(f"ablation_{v}_cpu_s"), ".0f")] for v in variants]
     return _table(["T-LoRA / progressive variant (equal steps)", "reward", "CPU s"], rows)
-
-
-def _shortft_equal(M: dict) -> str:
-    m, pre = M.get("05_shortft", {}), "reward_equal_compute_"
-    tasks = sorted({k[len(pre):].rsplit("_", 1)[0] for k in m if k.startswith(pre) and k.endswith("_shortft")})
-    names = _methods_with(m, *(f"{pre}{t}_{{m}}" for t in tasks))
-    return _table(["method"] + [f"`{t}`" for t in tasks], [[_label(n)] + [_num(m.get(f"{pre}{t}_{n}")) for t in tasks]
-                                                           for n in names])
 
 
 def _sd(M: dict) -> str:
@@ -191,8 +208,8 @@ def _claims(M: dict) -> str:
 
 BLOCKS: dict[str, Callable[[dict], str]] = {
     "toy": _toy, "sft-pg": _sft_pg, "baselines": _baselines, "arena": _arena("02_reward_gradients"),
-    "rlr": _rlr, "rlr-arena": _rlr_arena, "sdo": _sdo, "shortft-ablation": _shortft,
-    "shortft-equal": _shortft_equal, "sd": _sd, "sd-sft-pg": _sd_sft_pg, "claims": _claims, "map": _map, **MEASURED_BLOCKS,
+    "ranking-tasks": _ranking_tasks, "rlr": _rlr, "rlr-arena": _arena("03_rlr"), "sdo": _sdo,
+    "sdo-arena": _arena("04_sdo"), "shortft-ablation": _shortft, "shortft-equal": _arena("05_shortft"), "sd": _sd, "sd-sft-pg": _sd_sft_pg, "claims": _claims, "map": _map, **MEASURED_BLOCKS,
 }
 
 
