@@ -118,6 +118,14 @@ def _eps(denoiser: Denoiser, x: torch.Tensor, t: int, cond, plan: StepPlan) -> t
     return denoiser(x_in, tb, cond)
 
 
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(ref_mean, sigma^2 I)) per sample [B]: |mean - ref_mean|^2 / (2 sigma^2), summed over
+    dimensions. The one KL of a tuned to a reference sampling step (DDPO's kl_coef, the arena's regulariser)."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 for a KL of two steps (a deterministic step has none), got {sigma}")
+    return (mean - ref_mean).pow(2).flatten(1).sum(1) / (2 * sigma**2)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: float, reduce: str = "sum") -> torch.Tensor:
     """log N(x; mean, sigma^2 I) per sample [B], summed (a density) or averaged over dimensions."""
     if sigma <= 0:

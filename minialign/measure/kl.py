@@ -25,7 +25,7 @@ import copy
 
 import torch
 
-from minialign.sampling import sample
+from minialign.sampling import gaussian_kl, sample
 from minialign.schedule import prev_timesteps, step_coefficients
 
 
@@ -37,8 +37,7 @@ def step_kl(model, reference, schedule, x_t, t: int, s: int, cond=None) -> torch
     tb = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
     with torch.no_grad():
         eps_ref = reference(x_t, tb, cond)
-    d = c.b * (model(x_t, tb, cond) - eps_ref)
-    return d.pow(2).flatten(1).sum(1) / (2 * c.sigma ** 2)
+    return gaussian_kl(c.b * model(x_t, tb, cond), c.b * eps_ref, c.sigma)  # the a_t x_t parts of the means cancel
 
 
 class KLRegularised:

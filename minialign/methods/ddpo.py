@@ -56,7 +56,7 @@ from typing import Optional
 
 import torch
 
-from minialign.sampling import gaussian_log_prob, sample, step_mean
+from minialign.sampling import gaussian_kl, gaussian_log_prob, sample, step_mean
 from minialign.schedule import prev_timesteps, step_coefficients
 from minialign.methods.chain import ChainConfig, chain_timesteps, draw_start
 from minialign.methods.estimators import standardise
@@ -122,7 +122,7 @@ def kl_to_reference(ref, schedule, mean, x_t, t: int, s: int, eta: float, sigma:
     """KL(p_theta || p_ref) of one step at x_t: |mu_theta - mu_ref|^2 / (2 sigma^2), summed over dims, batch mean."""
     with torch.no_grad():
         ref_mean, _ = step_mean(ref, schedule, x_t, t, s, eta, cond)
-    return ((mean - ref_mean) ** 2).flatten(1).sum(1).mean() / (2 * sigma**2)
+    return gaussian_kl(mean, ref_mean, sigma).mean()
 
 
 def ppo_terms(model, schedule, cfg: DDPOConfig, ts, prev, buf: dict, idx, steps: list[int], dim: int, ref=None):
