@@ -388,3 +388,17 @@ def test_step_budgets_of_unequal_grids_meet_at_the_end_and_plot_on_two_axes():
     arena.plot(res, axes=axes)
     assert len(arena.plot(res)) == 3
     plt.close("all")
+
+
+def test_the_digits_drift_limit_is_beyond_any_two_sets_of_in_range_images():
+    """DIGITS_DRIFT_LIMIT (16) bounds the sliced W2 of in-range 8x8 images (strictly: unit directions, |x - y| <= 16;
+    the furthest in-range sets, all +1 against all -1, measure about 2), so only samples far outside [-1, 1] exceed it."""
+    from minialign.measure.tasks import DIGITS_DRIFT_LIMIT, get
+    from minialign.metrics import sliced_wasserstein
+
+    g = torch.Generator().manual_seed(0)
+    worst = sliced_wasserstein(torch.ones(64, 64), -torch.ones(64, 64))  # the two furthest in-range sets
+    rand = sliced_wasserstein(torch.rand(64, 64, generator=g) * 2 - 1, torch.rand(64, 64, generator=g) * 2 - 1)
+    assert rand < worst <= DIGITS_DRIFT_LIMIT + 1e-4
+    assert sliced_wasserstein(10 * torch.ones(64, 64), -10 * torch.ones(64, 64)) > DIGITS_DRIFT_LIMIT
+    assert all(get(t).drift_limit == DIGITS_DRIFT_LIMIT for t in ("digit3", "digit3_tempered", "digit_plus_one"))

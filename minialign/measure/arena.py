@@ -43,7 +43,7 @@ import torch
 from minialign import methods as registry
 from minialign.measure import replay
 from minialign.measure.bench import interleaved_times
-from minialign.measure.arena_report import (analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
+from minialign.measure.arena_report import (_diverged, analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
                                             plot_kl, summarise, time_to, to_metrics)
 from minialign.measure.flops import Ledger, log_grid
 from minialign.measure.kl import KLRegularised
@@ -212,14 +212,14 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
     ctx = dict(overrides=overrides, batch=batch, device=device, max_steps=max_steps, evaluate=evaluate,
                pretrained=at_start["reward"], at_start=at_start, kl_coef=kl_coef, ts=ts)
     lrs, tuning = {n: lr or task.lr for n in method_names}, {}
+    limit = drift_limit if drift_limit is not None else task.drift_limit
     for name in method_names if lr_grid else []:
         scores, spent = {}, {"flops": 0, "calls": 0, "step": 0}
         for value in lr_grid:
             r, _ = _train(task, name, base, schedule, reward, ctx, seed=tuning_seed, lr=value, clip=clips.get(name),
                           axis=axis, budgets=grids[name])
-            rewards = [v for v in r["curve"]["reward"][1:] if math.isfinite(v)]
-            scores[value] = sum(rewards) / len(r["curve"]["reward"][1:]) if len(rewards) == len(r["curve"]["reward"][1:]) \
-                else float("-inf")
+            rewards = r["curve"]["reward"][1:]  # a diverged run (non-finite, or beyond the drift limit) never wins
+            scores[value] = float("-inf") if _diverged(r, limit) else sum(rewards) / len(rewards)
             spent = {k: spent[k] + r["spent"][k] for k in spent}
         lrs[name] = max(scores, key=lambda v: scores[v])
         tuning[name] = {"seed": tuning_seed, "scores": scores, "chosen": lrs[name], "spent": spent}
@@ -236,7 +236,7 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
     result = {"task": task.name, "task_label": task.label, "reward": reward.name, "ceiling": task.ceiling,
               "ranks": task.ranks, "budget": {k: v for k, v in budget.items() if k != "steps"}, "axis": axis,
               "budgets": grids, "eval_chain": ec, "lr": lr or task.lr, "seeds": seeds, "pretrained": ctx["pretrained"],
-              "drift_limit": drift_limit if drift_limit is not None else task.drift_limit, "at_start": ctx["at_start"],
+              "drift_limit": limit, "at_start": ctx["at_start"],
               "kl_coef": kl_coef,
               "settings": {n: {"lr": lrs[n], "grad_clip": clips.get(n)} for n in method_names}, "tuning": tuning,
               "steps": {n: max(r["steps"] for r in runs if r["method"] == n) for n in method_names},

@@ -162,6 +162,11 @@ def plot(result: dict, axes=None):
         axes[0].axhline(result["pretrained"], color="0.4", ls=":", lw=1, label="pretrained")
     axes[0].set(xlabel={"flops": "training FLOPs (counted, log scale)", "calls": "network calls (log scale)"}[key],
                 ylabel="reward (evaluation chain)", title=f"{result['task_label']}: reward vs compute", xscale="log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes[0].xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # a grid often spans ~1 decade
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e+", "e")))
+    axes[0].xaxis.set_minor_formatter(NullFormatter())  # minor labels overprinted each other
     axes[1].set(xlabel="drift from the pretrained samples (sliced W2)", ylabel="reward", title="reward vs drift (dots: seeds)")
     if gold and len(axes) > 2:
         axes[2].set(xlabel="gold: p(target) by the independent classifier", ylabel="reward",

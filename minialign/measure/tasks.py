@@ -25,7 +25,10 @@ no method reached the reward's ceiling within the cpu budget.
 Every method is scored on the task's ONE evaluation chain (`eval_chain`: its steps, spacing and final timestep, eta
 = eval_eta), whatever chain it trains on. `ranks=False` marks a task that saturates: a check, left out of rankings.
 `drift_limit` (sliced W2 to the pretrained samples) is the drift above which a seed counts as diverged (None: only
-non-finite values do).
+non-finite values do). Digits tasks: DIGITS_DRIFT_LIMIT = 16, a strict bound on the sliced W2 of two sets of in-range
+8x8 images (each unit projection |theta . (x - y)| <= |x - y| <= 2 sqrt(64); the furthest in-range sets, all +1
+against all -1, measure about 2): a drift above it needs samples far outside the data's [-1, 1], which the clamped
+rewards and the gold score cannot see.
 
 Quality the methods do not optimise (every digits task, `quality`): "gold" = the mean probability the GOLD
 classifier (data/gold: an MLP on another split, `python -m minialign.toy.pretrain gold`, independent of the reward's
@@ -50,6 +53,9 @@ from minialign.rewards import Reward, classifier_reward, component_log_density, 
 def random_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
     """Conditioning of a training batch: uniform digit labels [batch] (drawn from the method's generator)."""
     return torch.randint(10, (batch,), generator=generator)
+
+
+DIGITS_DRIFT_LIMIT = 16.0  # 2 * sqrt(64): no two sets of in-range 8x8 images are further apart (see above)
 
 
 @dataclass(frozen=True)
@@ -218,14 +224,16 @@ def _brightness():
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("digit3", "p(3), digits (easy)", "digits", lambda: classifier_reward(3), (1, 8, 8), ceiling=1.0, ranks=False,
+         drift_limit=DIGITS_DRIFT_LIMIT,
          quality=digit_quality(3),
          why="saturates: every baseline reaches p = 1.000 in seconds (notebook 02); a sanity check, ranks nothing"),
     Task("digit3_tempered", "tempered p(3), clamped", "digits",
          lambda: classifier_reward(3, temperature=20.0, clamp=True), (1, 8, 8), ceiling=1.0, quality=digit_quality(3),
+         drift_limit=DIGITS_DRIFT_LIMIT,
          why="a recognisable 3 scores ~0.5; the reward keeps rising with the classifier's margin on in-range pixels"),
     Task("digit_plus_one", "draw label + 1", "digits",
          lambda: classifier_reward(None, label_offset=1, temperature=20.0, clamp=True), (1, 8, 8), conditional=True,
-         quality=digit_quality(None, label_offset=1),
+         quality=digit_quality(None, label_offset=1), drift_limit=DIGITS_DRIFT_LIMIT,
          ceiling=1.0, why="ten label-to-digit mappings to relearn at once; the pretrained model draws its label so "
          "well that p(label + 1) ~ 2e-5, where a probability's gradient vanishes: tempered (T = 20), it starts near 0.1"),
     Task("ring_centre", "2-D: into the ring's centre (easy)", "gmm", lambda: target_region((0.0, 0.0), radius=0.15),
