@@ -79,3 +79,10 @@ def test_a_notebook_that_learns_nothing_fails_its_relative_checks(tmp_path):
     for name in ("full_bp", "ddpo", "draft_k", "alignprop", "draft_lv", "refl"):
         assert f"{name}_reward_gain" in failed, r["failures"]
     assert not r["ok"]
+
+
+@pytest.mark.parametrize("name", ["02_reward_gradients", "05_shortft"])
+def test_the_longest_method_notebooks_stay_within_thirty_cells(name):
+    """A class reads 02 and 05 in one lab session: each stays within 30 cells (issue 21 cut them from 45 and 46)."""
+    nb = json.loads((repro.NOTEBOOKS / f"{name}.ipynb").read_text())
+    assert len(nb["cells"]) <= 30, f"{name} has {len(nb['cells'])} cells"
