@@ -84,7 +84,8 @@ def _baselines(M: dict) -> str:
 
 def arenas(M: dict) -> list[tuple[str, str]]:
     """(notebook, prefix) of every arena a notebook recorded with measure/arena_report.to_metrics."""
-    return [(nb, k[:-len("_top_budget")]) for nb, m in sorted(M.items()) for k in sorted(m) if k.endswith("_top_budget")]
+    return [(nb, k[:-len("_top_budget")]) for nb, m in sorted(M.items()) for k in sorted(m)
+            if k.startswith("arena") and k.endswith("_top_budget")]  # check_* runs (a saturating task) rank nothing
 
 
 def _seeds(m: dict, key: str) -> int:
@@ -143,12 +144,22 @@ def _rlr(M: dict) -> str:
     return _table(["estimator", "cosine of the mean estimate to exact", "relative variance"], rows)
 
 
+def _rlr_ablation(M: dict) -> str:
+    m = M.get("03_rlr", {})
+    names = {"fo_only": "FO only (h = 0, no ZO)", "without_ho": "without HO (h = 0)", "without_zo": "without ZO (h = 2)",
+             "full": "full RLR (h = 2 + ZO)"}
+    return _table([f"ablation on the bias task (pretrained {_num(m.get('ablation_pretrained'), '.1f')})",
+                   "reward at the FLOP budget (seeds)", "steps"],
+                  [[lab, f"{_pm(m, f'ablation_{k}', '.1f')} ({_seeds(m, f'ablation_{k}')})", _num(m.get(f"ablation_{k}_steps"), ".0f")]
+                   for k, lab in names.items() if f"ablation_{k}" in m])
+
+
 def _sdo(M: dict) -> str:
     m = M.get("04_sdo", {})
     rows = [["gradient cosine to exact, parameters (first / last / random step retained)",
              " / ".join(_num(m.get(f"cos_param_{k}"), ".2f") for k in ("first", "last", "random"))],
             ["gradient cosine to exact, latent", _num(m.get("cos_latent_first"), ".2f")],
-            ["latent optimisation: start / SDO / full backprop (same CPU time)",
+            ["latent optimisation: start / SDO / full backprop (equal FLOPs)",
              f"{_num(m.get('latent_reward_start'))} / {_pm(m, 'latent_reward_sdo')} / {_pm(m, 'latent_reward_full_bp')}"]]
     return _table(["quantity", "measured"], rows)
 
@@ -157,7 +168,7 @@ def _shortft(M: dict) -> str:
     m = M.get("05_shortft", {})
     variants = sorted({k[len("ablation_"):-len("_std")] for k in m if k.startswith("ablation_") and k.endswith("_std")})
     rows = [[v.replace("_", " "), _pm(m, f"ablation_{v}"), _num(m.get(f"ablation_{v}_cpu_s"), ".0f")] for v in variants]
-    return _table(["T-LoRA / progressive variant (equal steps)", "reward", "CPU s"], rows)
+    return _table(["T-LoRA / progressive variant (equal FLOPs)", "reward", "CPU s"], rows)
 
 
 def _sd(M: dict) -> str:
@@ -208,7 +219,7 @@ def _claims(M: dict) -> str:
 
 BLOCKS: dict[str, Callable[[dict], str]] = {
     "toy": _toy, "sft-pg": _sft_pg, "baselines": _baselines, "arena": _arena("02_reward_gradients"),
-    "ranking-tasks": _ranking_tasks, "rlr": _rlr, "rlr-arena": _arena("03_rlr"), "sdo": _sdo,
+    "ranking-tasks": _ranking_tasks, "rlr": _rlr, "rlr-arena": _arena("03_rlr"), "rlr-ablation": _rlr_ablation, "sdo": _sdo,
     "sdo-arena": _arena("04_sdo"), "shortft-ablation": _shortft, "shortft-equal": _arena("05_shortft"), "sd": _sd, "sd-sft-pg": _sd_sft_pg, "claims": _claims, "map": _map, **MEASURED_BLOCKS,
 }
 
