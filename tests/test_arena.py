@@ -54,6 +54,12 @@ def test_a_flop_budget_repeats_bit_exactly_with_no_timing_and_no_replay_file(tmp
     a, b = (arena.run(["full_bp", "alignprop", "ddpo"], task, flops=3e8, seeds=[0, 1], evals=5, progress=False)
             for _ in range(2))
     assert arena.fingerprint(a) == arena.fingerprint(b)
+    arena.save(a, tmp_path / "a.json", wall_time=False)
+    arena.save(b, tmp_path / "b.json", wall_time=False)  # the files themselves are byte-identical without wall time
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert '"seconds"' not in (tmp_path / "a.json").read_text()
+    arena.save(a, tmp_path / "a_wall.json")
+    assert '"seconds"' in (tmp_path / "a_wall.json").read_text()
     grid = a["budgets"]["full_bp"]
     assert len(grid) == 5 and grid[-1] == 3e8 and grid[1] / grid[0] == pytest.approx(32 ** 0.25)
     for r in a["runs"]:

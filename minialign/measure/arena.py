@@ -44,7 +44,7 @@ from minialign import methods as registry
 from minialign.measure import replay
 from minialign.measure.bench import interleaved_times
 from minialign.measure.arena_report import (_diverged, analyse, distinguishable, fingerprint, format_table, plot,  # noqa: F401
-                                            plot_kl, summarise, time_to, to_metrics)
+                                            plot_kl, summarise, time_to, to_metrics, without_wall_time)
 from minialign.measure.flops import Ledger, log_grid
 from minialign.measure.kl import KLRegularised
 from minialign.measure.tasks import get as get_task
@@ -248,8 +248,11 @@ def run(method_names, task, *, flops=None, calls=None, steps=None, seconds=None,
     return result
 
 
-def save(result: dict, path) -> int:
-    Path(path).write_text(json.dumps({k: v for k, v in result.items() if k != "models"}, indent=1))
+def save(result: dict, path, wall_time: bool = True) -> int:
+    """Write the result as JSON (without models); wall_time=False leaves out its wall-time entries, so that two runs
+    with the same (methods, settings, seeds) write byte-identical files on any machine load."""
+    out = {k: v for k, v in result.items() if k != "models"}
+    Path(path).write_text(json.dumps(out if wall_time else without_wall_time(out), indent=1))
     return 0
 
 
@@ -269,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--tuning-seed", type=int)
     p.add_argument("--grad-clip", nargs="+", default=["1.0"], metavar="[METHOD=]NORM|none")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--no-wall-time", action="store_true",
+                   help="leave wall-time entries out of the JSON: two runs then write identical files on any load")
     a = p.parse_args(argv)
     task = get_task(a.task)
     differentiable = getattr(task.reward(), "differentiable", True)
@@ -281,7 +286,7 @@ def main(argv=None) -> int:
                  span=a.span, lr_grid=a.lr_grid, tuning_seed=a.tuning_seed, grad_clip={n: clip.get(n, 1.0) for n in names})
     print(format_table(result))
     print("fingerprint", fingerprint(result))
-    return save(result, a.json) if a.json else 0
+    return save(result, a.json, wall_time=not a.no_wall_time) if a.json else 0
 
 
 if __name__ == "__main__":

@@ -198,11 +198,15 @@ def plot_kl(sweep: dict, axes=None):
     return axes
 
 
+def without_wall_time(v):
+    """The result without its wall-time entries ("seconds", the probe) and models: what two runs that trained and
+    scored identically share, on any load."""
+    if isinstance(v, dict):
+        return {k: without_wall_time(x) for k, x in v.items() if k not in ("seconds", "probe", "models")}
+    return [without_wall_time(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def fingerprint(result: dict) -> str:
-    """sha256 of the result's JSON without its wall-time entries ("seconds", the probe): equal for two runs that
-    trained and scored identically, on any load."""
-    def strip(v):
-        if isinstance(v, dict):
-            return {k: strip(x) for k, x in v.items() if k not in ("seconds", "probe", "models")}
-        return [strip(x) for x in v] if isinstance(v, (list, tuple)) else v
-    return hashlib.sha256(json.dumps(strip(result), sort_keys=True).encode()).hexdigest()
+    """sha256 of the result's JSON without its wall-time entries: equal for two runs that trained and scored
+    identically, on any load."""
+    return hashlib.sha256(json.dumps(without_wall_time(result), sort_keys=True).encode()).hexdigest()
