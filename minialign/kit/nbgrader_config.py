@@ -5,7 +5,14 @@ nbgrader reads it there, it is not imported by the library).
   profile) take longer, so a cell gets 600 s (an autograde of one class-profile notebook takes minutes).
 - GenerateAssignment: nbgrader's own preprocessors, after removing the cells tagged `answer-key` (the answers to
   "Check your understanding", kept in the instructor's source) so that they never reach the release.
+- The kernel as minialign.kit.kernel runs it: IPC sockets in a fresh temporary folder (no unencrypted TCP port), and
+  nbclient's ipywidgets Output handler off (its comm messages on the shell channel lost a cell's reply: an autograde
+  of notebook 07 waited forever once, kernel and nbgrader both idle; `interact` outputs land in the cell instead).
 """
+import os
+import tempfile
+
+from nbclient.client import NotebookClient
 from nbconvert.preprocessors import TagRemovePreprocessor
 from nbgrader.converters import GenerateAssignment
 
@@ -16,3 +23,8 @@ c.Execute.timeout = 600
 c.TagRemovePreprocessor.enabled = True
 c.TagRemovePreprocessor.remove_cell_tags = ["answer-key"]
 c.GenerateAssignment.preprocessors = [TagRemovePreprocessor] + GenerateAssignment.class_traits()["preprocessors"].default()
+
+if os.name == "posix":
+    c.KernelManager.transport = "ipc"
+    c.KernelManager.ip = os.path.join(tempfile.mkdtemp(prefix="minialign-nbgrader-"), "ipc")
+NotebookClient.on_comm_open_jupyter_widget = lambda client, msg: None
