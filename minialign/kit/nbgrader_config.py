@@ -9,12 +9,12 @@ nbgrader reads it there, it is not imported by the library).
   nbclient's ipywidgets Output handler off (its comm messages on the shell channel lost a cell's reply: an autograde
   of notebook 07 waited forever once, kernel and nbgrader both idle; `interact` outputs land in the cell instead).
 """
-import os
 import tempfile
 
-from nbclient.client import NotebookClient
 from nbconvert.preprocessors import TagRemovePreprocessor
 from nbgrader.converters import GenerateAssignment
+
+from minialign.kit.kernel import kernel_options, no_widget_sync
 
 c = get_config()  # noqa: F821  (nbgrader defines get_config when it reads this file)
 
@@ -24,7 +24,5 @@ c.TagRemovePreprocessor.enabled = True
 c.TagRemovePreprocessor.remove_cell_tags = ["answer-key"]
 c.GenerateAssignment.preprocessors = [TagRemovePreprocessor] + GenerateAssignment.class_traits()["preprocessors"].default()
 
-if os.name == "posix":
-    c.KernelManager.transport = "ipc"
-    c.KernelManager.ip = os.path.join(tempfile.mkdtemp(prefix="minialign-nbgrader-"), "ipc")
-NotebookClient.on_comm_open_jupyter_widget = lambda client, msg: None
+c.merge(kernel_options(tempfile.mkdtemp(prefix="minialign-nbgrader-")).get("config", {}))
+no_widget_sync().__enter__()  # for the whole nbgrader process that reads this file: never restored
